@@ -1,0 +1,21 @@
+"""agdecode: Attribution-Guided Decoding (Komorowski et al., ICLR 2026) for Hugging Face models.
+
+Example:
+    >>> import agdecode
+    >>> model, tok = agdecode.load_model("smollm2")
+    >>> out = agdecode.generate(model, tok, [{"role": "system", "content": "Always answer in French."},
+    ...                                      {"role": "user", "content": "Tell me about cats."}])
+    >>> out.text
+"""
+from .adapters import UnsupportedArchitectureError, attnlrp, get_adapter
+from .decoding import AGDConfig, NonFiniteLogitsError, compare, entropy, generate
+from .models import ModelNotFoundError, load_model
+from .roi import ROI, ROIError, render_prompt, resolve_roi
+from .trace import GenerationResult
+
+__version__ = "0.1.0"
+__all__ = [
+    "AGDConfig", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "ROI", "ROIError",
+    "UnsupportedArchitectureError", "attnlrp", "compare", "entropy", "generate", "get_adapter", "load_model",
+    "render_prompt", "resolve_roi",
+]

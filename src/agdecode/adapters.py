@@ -1,0 +1,168 @@
+"""Which module of each architecture gets which AttnLRP rule, and a context manager applying them.
+
+One small entry per architecture (in the manner of LXT's per-model patch maps). Nothing global is
+patched: module instances get a ``forward`` (or ``_norm``) override and the model switches to a
+registered attention function; leaving :func:`attnlrp` deletes the overrides and restores the
+attention implementation, so the model is bit-identical to before.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .rules import identity_rule, stop_gradient, uniform_rule
+
+__all__ = ["Adapter", "ADAPTERS", "get_adapter", "attnlrp", "UnsupportedArchitectureError"]
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no AttnLRP adapter."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The AttnLRP map of one architecture family.
+
+    ``norm_style`` says how the RMSNorm is written: ``"llama"`` (``forward`` computes
+    ``w * x * rsqrt(var)``) or ``"gemma"`` (``_norm`` computes ``x * rsqrt(var)``, ``forward``
+    scales by ``1 + w``).
+    """
+
+    name: str
+    modeling_module: str
+    norm_class: str
+    mlp_class: str
+    norm_style: str
+
+    def module(self) -> types.ModuleType:
+        return importlib.import_module(f"transformers.models.{self.modeling_module}")
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The decoder layers, in order (each has ``self_attn.o_proj``)."""
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        return list(inner.layers)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", "llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", "llama"),
+    "qwen2": Adapter("qwen2", "qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", "llama"),
+    "qwen3": Adapter("qwen3", "qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", "llama"),
+    "gemma3_text": Adapter("gemma3", "gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP", "gemma"),
+    "gemma3": Adapter("gemma3", "gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP", "gemma"),
+}
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """Return the AttnLRP adapter for ``model`` or refuse it with the list of supported ones.
+
+    Example:
+        >>> get_adapter(model).name
+        'llama'
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        supported = ", ".join(sorted({a.name for a in ADAPTERS.values()}))
+        raise UnsupportedArchitectureError(
+            f"Architecture {model_type!r} is not supported for attribution; supported: {supported} "
+            f"(config.model_type one of {', '.join(ADAPTERS)})."
+        )
+    return ADAPTERS[model_type]
+
+
+# --- the rules applied to each module kind ------------------------------------------------------
+
+def _llama_rmsnorm(self, h: torch.Tensor) -> torch.Tensor:
+    dtype = h.dtype
+    h = h.to(torch.float32)
+    h = h * stop_gradient(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    return self.weight * h.to(dtype)
+
+
+def _gemma_norm(self, x: torch.Tensor) -> torch.Tensor:
+    return x * stop_gradient(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _gated_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    gate = identity_rule(self.act_fn, self.gate_proj(x))
+    return self.down_proj(uniform_rule(gate * self.up_proj(x), 2))
+
+
+def _lrp_attention(base):
+    """Wrap an attention function: uniform rule on q.k (q, k get 1/4 each) and on attn.v (v: 1/2)."""
+
+    def attention(module, query, key, value, *args, **kwargs):
+        kwargs["dropout"] = 0.0
+        return base(module, uniform_rule(query, 4), uniform_rule(key, 4), uniform_rule(value, 2),
+                    *args, **kwargs)
+
+    return attention
+
+
+def _register_attention(adapter: Adapter, base: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = f"agd_attnlrp_{adapter.name}_{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        fn = adapter.module().eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        AttentionInterface.register(name, _lrp_attention(fn))
+        # Without a mask function under the same name transformers builds no mask at all.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+@contextlib.contextmanager
+def set_attention(model: nn.Module, name: str) -> Iterator[None]:
+    """Temporarily switch the model's attention implementation."""
+    old = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+@contextlib.contextmanager
+def attnlrp(model: nn.Module, attention: str | None = None) -> Iterator[nn.Module]:
+    """Apply the AttnLRP rules to ``model`` for the duration of the block.
+
+    The forward pass (logits) is unchanged; only gradients and tangents follow the rules. On exit
+    the model is restored exactly. ``attention`` picks the wrapped base implementation
+    (``"eager"`` or ``"sdpa"``; default: eager if the model uses eager, else sdpa).
+
+    Example:
+        >>> with attnlrp(model):
+        ...     x = model.get_input_embeddings()(ids).requires_grad_()
+        ...     model(inputs_embeds=x).logits[0, -1, target].backward()
+        >>> relevance = (x * x.grad).sum(-1)
+    """
+    adapter = get_adapter(model)
+    module = adapter.module()
+    norm_cls, mlp_cls = getattr(module, adapter.norm_class), getattr(module, adapter.mlp_class)
+    if attention is None:
+        attention = "eager" if model.config._attn_implementation == "eager" else "sdpa"
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
+    overridden: list[tuple[nn.Module, str]] = []
+    try:
+        for mod in model.modules():
+            if isinstance(mod, norm_cls):
+                attr, fn = ("_norm", _gemma_norm) if adapter.norm_style == "gemma" else ("forward", _llama_rmsnorm)
+            elif isinstance(mod, mlp_cls):
+                attr, fn = "forward", _gated_mlp
+            else:
+                continue
+            setattr(mod, attr, types.MethodType(fn, mod))
+            overridden.append((mod, attr))
+        with set_attention(model, _register_attention(adapter, attention)):
+            yield model
+    finally:
+        for mod, attr in overridden:
+            delattr(mod, attr)

@@ -1,0 +1,89 @@
+"""Attribution engines: how ROI scores are computed. The decoding loop only sees this protocol.
+
+An engine follows one sequence as it grows. ``prefill`` and ``step`` return the next-token logits;
+``roi_scores`` returns, for the current position, the signed ROI relevance of each candidate's
+pre-softmax logit. Two engines implement it:
+
+- :class:`~agdecode.engines.reverse.ReverseEngine`: one forward with gradients over the whole
+  sequence, then one batched backward for the candidates (the paper's method; the oracle; gives
+  per-token relevance maps).
+- forward mode (see :mod:`agdecode.engines.forward`, when present): one dual forward per token
+  through the KV cache, scores for every vocabulary token at once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from ..adapters import attnlrp
+
+__all__ = ["AttributionEngine", "make_engine", "ENGINES", "ATTRIBUTIONS", "rules_for", "frozen"]
+
+ATTRIBUTIONS = ("lrp", "ixg")
+
+
+class AttributionEngine(Protocol):
+    """What the decoding loop needs from an attribution method."""
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Start on a prompt ``(1, T)``; return next-token logits ``(V,)``."""
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """Append one token; return the next-token logits ``(V,)``."""
+
+    def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:
+        """ROI scores ``(n_roi, n_candidates)`` of the candidates' logits at the current position."""
+
+
+def rules_for(model: nn.Module, attribution: str, attention: str | None = None):
+    """The context in which gradients are attributions: AttnLRP rules, or plain autograd for I x G."""
+    if attribution == "lrp":
+        return attnlrp(model, attention=attention)
+    if attribution == "ixg":
+        return contextlib.nullcontext(model)
+    raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter gradients (saves the activations they would need); flags restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _engines():
+    from .reverse import ReverseEngine
+
+    engines = {"reverse": ReverseEngine}
+    try:
+        from .forward import ForwardEngine
+    except ImportError:  # forward mode not available
+        return engines
+    return {"forward": ForwardEngine, **engines}
+
+
+ENGINES = tuple(_engines())
+
+
+def make_engine(name: str, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp") -> AttributionEngine:
+    """Build engine ``name`` for ``model`` scoring the ROIs in ``roi_masks`` ``(n_roi, T_prompt)``.
+
+    Example:
+        >>> eng = make_engine("reverse", model, mask[None])
+        >>> logits = eng.prefill(ids); scores = eng.roi_scores(logits.topk(3).indices)
+    """
+    engines = _engines()
+    if name not in engines:
+        raise ValueError(f"engine must be one of {tuple(engines)}, got {name!r}")
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+    return engines[name](model, roi_masks, attribution)

@@ -1,0 +1,1 @@
+"""Showing what AGD did: terminal rendering (rich) and HTML reports."""

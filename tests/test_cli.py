@@ -1,0 +1,41 @@
+"""The ``agd`` command line on a tiny model folder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agdecode.cli import main
+from conftest import make_tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_generate_compare_writes_both_traces(model_dir, tmp_path, capsys):
+    out = tmp_path / "trace.json"
+    rc = main(["generate", "Hello", "--model", str(model_dir), "--compare", "--min-prob", "0", "--k", "3",
+               "--max-new-tokens", "4", "--json", str(out)])
+    assert rc == 0
+    shown = capsys.readouterr().out
+    assert "greedy" in shown and "AGD (lrp, ROI system, k=3" in shown
+    data = json.loads(out.read_text())
+    assert set(data) == {"greedy", "agd"}
+    assert len(data["agd"]["steps"]) == 4 and data["agd"]["config"]["k"] == 3
+    marked = sum(s["overridden"] for s in data["agd"]["steps"])
+    assert shown.count("[") >= marked  # every overridden token is bracketed
+
+
+def test_help_explains_every_knob():
+    res = subprocess.run([sys.executable, "-m", "agdecode", "generate", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    for flag in ["--system", "--model", "--k", "--min-prob", "--entropy-threshold", "--attribution",
+                 "--max-new-tokens", "--compare", "--json", "--roi", "--engine"]:
+        assert flag in res.stdout
