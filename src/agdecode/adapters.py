@@ -11,7 +11,7 @@ import contextlib
 import importlib
 import types
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -104,18 +104,24 @@ def _lrp_attention(base):
     return attention
 
 
-def _register_attention(adapter: Adapter, base: str) -> str:
+def register_attention(name: str, fn: Callable, mask_base: str) -> str:
+    """Register attention function ``fn`` under ``name`` (once), with the mask of ``mask_base``."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    name = f"agd_attnlrp_{adapter.name}_{base}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        fn = adapter.module().eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-        AttentionInterface.register(name, _lrp_attention(fn))
+        AttentionInterface.register(name, fn)
         # Without a mask function under the same name transformers builds no mask at all.
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
     return name
+
+
+def base_attention(adapter: Adapter, base: str) -> Callable:
+    """The architecture's own eager attention, or a registered implementation such as sdpa."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return adapter.module().eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
 
 @contextlib.contextmanager
@@ -130,8 +136,36 @@ def set_attention(model: nn.Module, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def attnlrp(model: nn.Module, attention: str | None = None) -> Iterator[nn.Module]:
-    """Apply the AttnLRP rules to ``model`` for the duration of the block.
+def patched(model: nn.Module, norm: Callable, mlp: Callable, attention: str,
+            extra: Sequence[tuple[Callable[[nn.Module], bool], str, Callable]] = ()) -> Iterator[nn.Module]:
+    """Override every norm and gated MLP of ``model`` (and modules matching ``extra``) and switch to a
+    registered attention implementation; undo everything on exit, even on error.
+
+    ``norm`` replaces ``forward`` (Llama-style norms) or ``_norm`` (Gemma-style) per the adapter.
+    """
+    adapter = get_adapter(model)
+    module = adapter.module()
+    norm_cls, mlp_cls = getattr(module, adapter.norm_class), getattr(module, adapter.mlp_class)
+    norm_attr = "_norm" if adapter.norm_style == "gemma" else "forward"
+    rules = [(lambda m: isinstance(m, norm_cls), norm_attr, norm), (lambda m: isinstance(m, mlp_cls), "forward", mlp),
+             *extra]
+    overridden: list[tuple[nn.Module, str]] = []
+    try:
+        for mod in model.modules():
+            for matches, attr, fn in rules:
+                if matches(mod):
+                    setattr(mod, attr, types.MethodType(fn, mod))
+                    overridden.append((mod, attr))
+                    break
+        with set_attention(model, attention):
+            yield model
+    finally:
+        for mod, attr in overridden:
+            delattr(mod, attr)
+
+
+def attnlrp(model: nn.Module, attention: str | None = None):
+    """Apply the AttnLRP rules to ``model`` for the duration of a ``with`` block.
 
     The forward pass (logits) is unchanged; only gradients and tangents follow the rules. On exit
     the model is restored exactly. ``attention`` picks the wrapped base implementation
@@ -144,25 +178,11 @@ def attnlrp(model: nn.Module, attention: str | None = None) -> Iterator[nn.Modul
         >>> relevance = (x * x.grad).sum(-1)
     """
     adapter = get_adapter(model)
-    module = adapter.module()
-    norm_cls, mlp_cls = getattr(module, adapter.norm_class), getattr(module, adapter.mlp_class)
     if attention is None:
         attention = "eager" if model.config._attn_implementation == "eager" else "sdpa"
     if attention not in ("eager", "sdpa"):
         raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
-    overridden: list[tuple[nn.Module, str]] = []
-    try:
-        for mod in model.modules():
-            if isinstance(mod, norm_cls):
-                attr, fn = ("_norm", _gemma_norm) if adapter.norm_style == "gemma" else ("forward", _llama_rmsnorm)
-            elif isinstance(mod, mlp_cls):
-                attr, fn = "forward", _gated_mlp
-            else:
-                continue
-            setattr(mod, attr, types.MethodType(fn, mod))
-            overridden.append((mod, attr))
-        with set_attention(model, _register_attention(adapter, attention)):
-            yield model
-    finally:
-        for mod, attr in overridden:
-            delattr(mod, attr)
+    name = register_attention(f"agd_attnlrp_{adapter.name}_{attention}",
+                              _lrp_attention(base_attention(adapter, attention)), attention)
+    norm = _gemma_norm if adapter.norm_style == "gemma" else _llama_rmsnorm
+    return patched(model, norm, _gated_mlp, name)

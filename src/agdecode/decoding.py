@@ -3,25 +3,29 @@
 Per step: next-token distribution p; if an entropy threshold is set and H(p) < threshold, emit the
 greedy token (AGD_e); otherwise the candidates are the top-k tokens with p >= min_prob, each is
 scored by the signed sum of its logit's relevance over the ROI, and the best one is emitted.
+
+The baselines (CAD, DoLa, steering, sampling; :mod:`agdecode.baselines`) run through the same loop:
+their logits source computes the method's scores, the loop takes the argmax (or samples).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from .baselines import BASELINES, describe_vector, make_source, validate_settings
+from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
-from .engines.reverse import CachedForward
 from .roi import ROI, Prompt, render_prompt, resolve_roi
 from .trace import Candidate, GenerationResult, Step
 
 __all__ = ["AGDConfig", "generate", "compare", "entropy", "NonFiniteLogitsError", "METHODS"]
 
-METHODS = ("agd", "greedy")
+METHODS = ("agd", "greedy") + BASELINES
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
 
 
@@ -45,6 +49,16 @@ class AGDConfig:
     attribution: str = "lrp"
     engine: str = ENGINES[0]
     max_new_tokens: int = 128
+    # Baselines (agdecode.baselines; README "Baselines"). Each is read by one method only.
+    cad_alpha: float = 0.5  # cad: (1 + a) * full - a * without ROI; Shi et al. also use 1.0
+    dola_layers: str | list[int] = "high"  # dola: "low", "high" or premature layer indices
+    repetition_penalty: float | None = None  # dola: None = 1.2, the DoLa authors' setting
+    steer_vector: object = None  # steer: path from `agd steer fit`, SteeringVector or (H,) tensor
+    steer_layer: int | None = None  # steer: None = the vector's layer (middle layer for a bare tensor)
+    steer_weight: float = 1.0  # steer: 1.0 adds the mean difference once
+    temperature: float = 1.0  # sample
+    top_p: float = 0.9  # sample: nucleus
+    seed: int = 0  # sample
 
     def validate(self) -> "AGDConfig":
         if self.method not in METHODS:
@@ -62,13 +76,15 @@ class AGDConfig:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        validate_settings(self)
         return self
 
     def roi_list(self) -> list:
         return list(self.roi) if isinstance(self.roi, (list, tuple)) else [self.roi]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, steer_vector=None))  # a tensor would not survive JSON
+        d["steer_vector"] = describe_vector(self.steer_vector)
         d["roi"] = [str(ROI.parse(r)) for r in self.roi_list()]
         return d
 
@@ -81,7 +97,8 @@ def entropy(logits: torch.Tensor) -> float:
         1.3862943611198906
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return float(-(logp.exp() * logp).sum())
+    # Masked tokens (-inf, e.g. DoLa's) contribute 0 log 0 = 0, not NaN.
+    return float(-torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum())
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -114,6 +131,7 @@ def generate(
     max_new_tokens: int = 128,
     streamer=None,
     config: AGDConfig | None = None,
+    **settings,
 ) -> GenerationResult:
     """Generate a reply with Attribution-Guided Decoding (or greedy, with ``method="greedy"``).
 
@@ -122,34 +140,65 @@ def generate(
     is any Hugging Face streamer (``put``/``end``). Pass ``config`` instead of the keywords to
     reuse settings.
 
+    ``method`` is ``"agd"``, ``"greedy"`` or a baseline: ``"cad"``, ``"dola"``, ``"steer"``,
+    ``"sample"``; their settings (``cad_alpha``, ``dola_layers``, ``repetition_penalty``,
+    ``steer_vector``, ``steer_layer``, ``steer_weight``, ``temperature``, ``top_p``, ``seed``) are
+    the :class:`AGDConfig` fields, passed as keywords (they override ``config``'s).
+
     Example:
         >>> model, tok = agdecode.load_model("smollm2")
         >>> messages = [{"role": "system", "content": "Always answer in French."},
         ...             {"role": "user", "content": "Tell me about cats."}]
         >>> out = agdecode.generate(model, tok, messages, max_new_tokens=40)
         >>> print(out.text, out.overrides)
+        >>> cad = agdecode.generate(model, tok, messages, method="cad", cad_alpha=0.5, max_new_tokens=40)
     """
     if config is None:
         config = AGDConfig(method=method, roi=roi, k=k, min_prob=min_prob, entropy_threshold=entropy_threshold,
-                           attribution=attribution, engine=engine or ENGINES[0], max_new_tokens=max_new_tokens)
+                           attribution=attribution, engine=engine or ENGINES[0], max_new_tokens=max_new_tokens, **settings)
+    elif settings:
+        config = replace(config, **settings)
     config.validate()
     prompt = render_prompt(tokenizer, messages)
     _check_length(model, prompt, config.max_new_tokens)
-    rois = {str(ROI.parse(r)): resolve_roi(r, prompt) for r in config.roi_list()} if config.method == "agd" else {}
+    rois = {str(ROI.parse(r)): resolve_roi(r, prompt) for r in config.roi_list()} if config.method in ("agd", "cad") else {}
     if config.method == "agd":
         eng = make_engine(config.engine, model, torch.stack(list(rois.values())), config.attribution)
     else:
-        eng = CachedForward(model)
+        eng = make_source(config, model, tokenizer, prompt)
     eos = _eos_ids(model, tokenizer)
     roi_names = list(rois)
 
     start = time.perf_counter()
+    with eng:
+        steps, out_ids, relevance = _decode(eng, prompt, config, tokenizer, roi_names, eos, streamer)
+    return GenerationResult(
+        text=tokenizer.decode(out_ids, skip_special_tokens=True),
+        token_ids=out_ids,
+        tokens=[tokenizer.decode([t]) for t in out_ids],
+        prompt=prompt.text,
+        prompt_ids=prompt.input_ids[0].tolist(),
+        prompt_tokens=[tokenizer.decode([t]) for t in prompt.input_ids[0].tolist()],
+        roi_positions={n: m.nonzero().flatten().tolist() for n, m in rois.items()},
+        steps=steps,
+        config=config.to_dict(),
+        model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        seconds=time.perf_counter() - start,
+        extra={**({"relevance": relevance} if relevance else {}),
+               **({"method": eng.describe()} if hasattr(eng, "describe") else {})},
+    )
+
+
+def _decode(eng, prompt: Prompt, config: AGDConfig, tokenizer, roi_names: list[str], eos: set[int], streamer):
+    """The loop itself: one engine, one sequence."""
     if streamer is not None:
         streamer.put(prompt.input_ids.cpu())
-    logits = eng.prefill(prompt.input_ids)
     steps, out_ids, relevance = [], [], {}
+    sampler = Sampler(config.temperature, config.top_p, config.seed) if config.method == "sample" else None
+    logits = eng.prefill(prompt.input_ids)
     for i in range(config.max_new_tokens):
-        if not torch.isfinite(logits).all():
+        # -inf is a legitimate mask (DoLa); NaN, +inf or nothing finite is a broken model.
+        if logits.isnan().any() or logits.isposinf().any() or not logits.isfinite().any():
             raise NonFiniteLogitsError(f"The model produced NaN/inf logits at step {i}; check the model weights "
                                        "and dtype (fp16 overflows are a common cause).")
         probs = torch.softmax(logits.float(), dim=-1)
@@ -157,9 +206,14 @@ def generate(
         top_p, top_i = probs.topk(config.k)
         greedy_id = int(top_i[0])
         cands = top_i[top_p >= config.min_prob]
-        scores = None
+        scores, info = None, eng.info() if hasattr(eng, "info") else None
         if config.method == "greedy":
             chosen, reason = greedy_id, "greedy"
+        elif sampler is not None:
+            chosen, reason = sampler(logits), "sample"
+            info = sampler.info()
+        elif config.method in BASELINES:  # the source already applied the method: greedy on top
+            chosen, reason = greedy_id, config.method
         elif config.entropy_threshold is not None and h < config.entropy_threshold:
             chosen, reason = greedy_id, "gate"
         elif len(cands) == 0:
@@ -181,7 +235,7 @@ def generate(
                           {n: float(scores[r, j]) for r, n in enumerate(roi_names)}
                           if scores is not None and j < len(cands) else None)
                 for j, (p, t) in enumerate(zip(top_p, top_i))
-            ]))
+            ], info=info))
         out_ids.append(chosen)
         if streamer is not None:
             streamer.put(torch.tensor([chosen]))
@@ -190,19 +244,7 @@ def generate(
         logits = eng.step(chosen)
     if streamer is not None:
         streamer.end()
-    return GenerationResult(
-        text=tokenizer.decode(out_ids, skip_special_tokens=True),
-        token_ids=out_ids,
-        tokens=[tokenizer.decode([t]) for t in out_ids],
-        prompt=prompt.text,
-        prompt_ids=prompt.input_ids[0].tolist(),
-        roi_positions={n: m.nonzero().flatten().tolist() for n, m in rois.items()},
-        steps=steps,
-        config=config.to_dict(),
-        model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        seconds=time.perf_counter() - start,
-        extra={"relevance": relevance} if relevance else {},
-    )
+    return steps, out_ids, relevance
 
 
 def compare(model: nn.Module, tokenizer, messages: list[dict] | str, **kwargs) -> dict[str, GenerationResult]:

@@ -7,8 +7,11 @@ pre-softmax logit. Two engines implement it:
 - :class:`~agdecode.engines.reverse.ReverseEngine`: one forward with gradients over the whole
   sequence, then one batched backward for the candidates (the paper's method; the oracle; gives
   per-token relevance maps).
-- forward mode (see :mod:`agdecode.engines.forward`, when present): one dual forward per token
-  through the KV cache, scores for every vocabulary token at once.
+- :class:`~agdecode.engines.forward.ForwardEngine` (default): forward mode with primal and
+  tangents stacked in one batch, through the KV cache; one pass per token gives the score of every
+  vocabulary token.
+- :class:`~agdecode.engines.forward_ad.ForwardADEngine`: the same with ``torch.autograd.forward_ad``
+  and the rules' ``jvp``; exact and slow, a cross-check.
 """
 from __future__ import annotations
 
@@ -61,14 +64,11 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def _engines():
+    from .forward import ForwardEngine
+    from .forward_ad import ForwardADEngine
     from .reverse import ReverseEngine
 
-    engines = {"reverse": ReverseEngine}
-    try:
-        from .forward import ForwardEngine
-    except ImportError:  # forward mode not available
-        return engines
-    return {"forward": ForwardEngine, **engines}
+    return {"forward": ForwardEngine, "reverse": ReverseEngine, "forward-ad": ForwardADEngine}
 
 
 ENGINES = tuple(_engines())

@@ -28,6 +28,13 @@ class CachedForward:
         self.ids: torch.Tensor | None = None
         self.cache = None
 
+    # Engines are context managers (the forward engine holds a dual level open); this one needs none.
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cache = None
+
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         out, self.cache = forward_cached(self.model, self.cache, input_ids=ids.to(self.device), logits_to_keep=1)

@@ -1,0 +1,171 @@
+"""Forward-mode engine (the default): exact ROI scores for every vocabulary token, one pass per token.
+
+The ROI score of candidate c is S(c) = <x * m_ROI, J~^T e_c> = <J~ (x * m_ROI), e_c>, where J~ is
+the rule-modified Jacobian of the logits w.r.t. the input embeddings x; under AttnLRP it is linear.
+So one Jacobian-vector product with tangent ``x * m_ROI`` yields, as the logits' tangent, S(c) for
+every token c at once, at a cost independent of k.
+
+Instead of ``torch.autograd.forward_ad`` (exact too, see :mod:`.forward_ad`, but it runs primal and
+tangent as separate ops and copies weights), the tangents ride in the batch: row 0 is the primal
+sequence, rows 1..R the tangents of R ROIs. Every linear map (projections, residuals, rotary
+embeddings, the LM head) then serves all rows with one read of the weights, and only the
+non-linear operations are rewritten below with their forward-mode rule:
+
+- RMSNorm: tangent scaled by the primal's 1/rms (AttnLRP stops the gradient through the variance);
+- gated MLP: identity rule on the activation (tangent * f(g)/g), uniform rule (1/2) on gate x up;
+- attention: the softmax's exact derivative, uniform rule on q.k (1/4 each) and attn.v (1/2);
+- biases: added to the primal row only (a constant has no tangent).
+
+Tangent keys and values sit in the KV cache beside the primal ones, so each decode step is one
+incremental pass; generated tokens are outside the ROI and enter with zero tangent. With
+``attribution="ixg"`` the same machinery carries plain gradients (no rules): Input x Gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import get_adapter, patched, register_attention
+from ..models import forward_cached
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a stacked batch into the primal row and the tangent rows."""
+    return x[:1], x[1:]
+
+
+def _norm_rows(h: torch.Tensor, eps: float, lrp: bool) -> torch.Tensor:
+    p, t = _rows(h)
+    r = torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + eps)
+    tangent = t * r
+    if not lrp:  # the exact derivative of h * rsqrt(mean(h^2) + eps)
+        tangent = tangent - p * r.pow(3) * (p * t).mean(-1, keepdim=True)
+    return torch.cat([p * r, tangent])
+
+
+def _rules(lrp: bool):
+    """The module overrides for one attribution method (AttnLRP or plain gradient)."""
+    fq, fk, fv, fprod = (4.0, 4.0, 2.0, 2.0) if lrp else (1.0, 1.0, 1.0, 1.0)
+
+    def llama_norm(self, h):
+        dtype = h.dtype
+        return self.weight * _norm_rows(h.to(torch.float32), self.variance_epsilon, lrp).to(dtype)
+
+    def gemma_norm(self, x):
+        return _norm_rows(x, self.eps, lrp)
+
+    def gated_mlp(self, x):
+        (g0, gt), (u0, ut) = _rows(self.gate_proj(x)), _rows(self.up_proj(x))
+        a0 = self.act_fn(g0)
+        if lrp:
+            at = a0 / (g0 + 1e-10) * gt  # identity rule, as in rules._IdentityRule
+        else:
+            at = torch.func.jvp(self.act_fn, (g0.expand_as(gt),), (gt,))[1]
+        return self.down_proj(torch.cat([a0 * u0, (at * u0 + a0 * ut) / fprod]))
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+        if softcap is not None:
+            raise NotImplementedError("attention logit soft-capping is not supported by the forward engine; "
+                                      "use engine='reverse'")
+        b, h, t, d = query.shape
+        hkv = key.shape[1]
+        scaling = d ** -0.5 if scaling is None else scaling
+        # Grouped-query attention without repeating keys: (B, Hkv, G, T, d) against (B, Hkv, 1, S, d).
+        (q0, qt), (k0, kt), (v0, vt) = (_rows(query.view(b, hkv, h // hkv, t, d)),
+                                        _rows(key[:, :, None]), _rows(value[:, :, None]))
+        s0 = (q0 @ k0.transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            s0 = s0 + attention_mask[:1, :, None]
+        a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(query.dtype)
+        ds = ((qt / fq) @ k0.transpose(-1, -2) + q0 @ (kt / fk).transpose(-1, -2)) * scaling
+        da = a * (ds - (a * ds).sum(-1, keepdim=True))  # softmax Jacobian-vector product
+        out = torch.cat([a @ v0, da @ v0 + a @ (vt / fv)])
+        return out.view(b, h, t, d).transpose(1, 2).contiguous(), None
+
+    return llama_norm, gemma_norm, gated_mlp, attention
+
+
+def _primal_bias(self, x):
+    out = F.linear(x, self.weight)
+    out[:1] += self.bias
+    return out
+
+
+def dual_mode(model: nn.Module, attribution: str = "lrp"):
+    """Context in which ``model`` runs stacked duals: batch row 0 primal, rows 1.. tangents.
+
+    Example:
+        >>> with dual_mode(model), torch.no_grad():
+        ...     out = model(inputs_embeds=torch.cat([x, x * mask[..., None]]))
+        >>> logits, roi_scores = out.logits[0, -1], out.logits[1, -1]
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise NotImplementedError("final logit soft-capping is not supported by the forward engine; "
+                                  "use engine='reverse'")
+    adapter = get_adapter(model)
+    llama_norm, gemma_norm, gated_mlp, attention = _rules(attribution == "lrp")
+    name = register_attention(f"agd_dual_{attribution}", attention, "eager")
+    biased = (lambda m: isinstance(m, nn.Linear) and m.bias is not None, "forward", _primal_bias)
+    norm = gemma_norm if adapter.norm_style == "gemma" else llama_norm
+    return patched(model, norm, gated_mlp, name, extra=[biased])
+
+
+class ForwardEngine:
+    """Forward-mode AGD through the KV cache. Use as a context manager around one generation.
+
+    Example:
+        >>> with ForwardEngine(model, roi_mask[None], "lrp") as eng:
+        ...     logits = eng.prefill(ids)
+        ...     eng.roi_scores(logits.topk(5).indices)    # (1, 5): no extra pass
+        ...     logits = eng.step(int(logits.argmax()))
+    """
+
+    def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
+                 prefill_chunk: int = 512):
+        self.model, self.attribution = model, attribution
+        self.roi_masks = roi_masks.to(torch.bool)
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.scores: torch.Tensor | None = None  # (n_roi, V): ROI score of every token at the current position
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> "ForwardEngine":
+        stack = contextlib.ExitStack()
+        stack.enter_context(dual_mode(self.model, self.attribution))
+        stack.enter_context(torch.no_grad())
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cache = None
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def _run(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self._stack is None:
+            raise RuntimeError("ForwardEngine must be used inside `with engine:`")
+        out, self.cache = forward_cached(self.model, self.cache, inputs_embeds=embeds, logits_to_keep=1)
+        self.scores = out.logits[1:, -1]
+        return out.logits[0, -1]
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.get_input_embeddings()(input_ids.to(self.device))            # (1, T, D)
+        tangents = x * self.roi_masks.to(self.device, x.dtype)[..., None]           # (R, T, D)
+        stacked = torch.cat([x, tangents])
+        self.cache = None
+        # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
+        for start in range(0, stacked.shape[1], self.prefill_chunk):
+            logits = self._run(stacked[:, start:start + self.prefill_chunk])
+        return logits
+
+    def step(self, token_id: int) -> torch.Tensor:
+        e = self.model.get_input_embeddings()(torch.tensor([[token_id]], device=self.device))
+        return self._run(torch.cat([e, e.new_zeros(len(self.roi_masks), *e.shape[1:])]))
+
+    def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:
+        return self.scores[:, candidates.to(self.scores.device)]
