@@ -48,6 +48,11 @@ class Adapter:
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         return list(inner.layers)
 
+    def head_shape(self, model: nn.Module) -> tuple[int, int]:
+        """(number of layers, attention heads per layer)."""
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return cfg.num_hidden_layers, cfg.num_attention_heads
+
 
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", "llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", "llama"),

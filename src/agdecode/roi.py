@@ -13,16 +13,35 @@ ROI specs (strings or :class:`ROI` objects):
 ``"message:2"``        content tokens of message 2 (0-based; negative counts from the end)
 ``"chars:10-42"``      tokens overlapping characters [10, 42) of the rendered prompt
 ``"tokens:3,5-9"``     explicit token positions (ranges inclusive)
+``"context"``          every document passed with ``documents=`` (title and text)
+``"document:2"``       document 2 (1-based, as rendered: ``Document [2](Title: ...)``)
+``"heads:parametric"`` attention heads: a shipped set (``parametric``, ``in-context``)
+``"heads:FILE.json"``  ... a set written by ``agd heads discover``
+``"heads:3.1,4.5"``    ... explicit ``layer.head`` pairs (0-based)
 =====================  =========================================================
+
+ROIs combine: ``"context - user"`` scores S(context) - S(user) (signed sum of the two);
+``"system + document:1"`` adds them; ``"system | user"`` is the set union (a token in both counts once).
+Several ROIs given as a list are scored separately (the first one decides).
+
+Documents are rendered into the last user message, before its content, in the format of
+Liu et al. (2023, "Lost in the Middle")::
+
+    Document [1](Title: {title}) {text}
+
+    Document [2](Title: {title}) {text}
+
+    {user content}
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-__all__ = ["Prompt", "ROI", "ROIError", "render_prompt", "resolve_roi"]
+__all__ = ["Prompt", "ROI", "ROIError", "Region", "render_documents", "render_prompt", "resolve_region", "resolve_roi"]
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -40,6 +59,7 @@ class Prompt:
     offsets: list[tuple[int, int]]
     messages: list[dict] | None = None
     message_spans: list[tuple[int, int]] = field(default_factory=list)  # char span of each message's content
+    document_spans: list[tuple[int, int]] = field(default_factory=list)  # char span of each document (title + text)
 
     def __len__(self) -> int:
         return self.input_ids.shape[1]
@@ -49,8 +69,30 @@ class Prompt:
         return torch.tensor([s < end and e > start for s, e in self.offsets], dtype=torch.bool)
 
 
-def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: bool = True) -> Prompt:
+def render_documents(documents: Sequence[dict], content: str) -> tuple[str, list[tuple[int, int]]]:
+    """Put ``documents`` before ``content``; return the text and each document's (title + text) span.
+
+    Example:
+        >>> render_documents([{"title": "Paris", "text": "Capital of France."}], "Where is Paris?")[0]
+        'Document [1](Title: Paris) Capital of France.\n\nWhere is Paris?'
+    """
+    parts, spans, pos = [], [], 0
+    for i, d in enumerate(documents, 1):
+        if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+            raise ROIError(f"document {i} must be a dict with a string 'text' (and optionally 'title'), got {d!r}.")
+        head = f"Document [{i}](Title: "
+        body = f"{d.get('title', '')}) {d['text']}".strip()
+        spans.append((pos + len(head), pos + len(head) + len(body)))
+        parts.append(head + body + "\n\n")
+        pos += len(parts[-1])
+    return "".join(parts) + content, spans
+
+
+def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: bool = True,
+                  documents: Sequence[dict] | None = None) -> Prompt:
     """Render chat ``messages`` (or a raw string) with the tokenizer's chat template and tokenise it.
+
+    ``documents`` (``[{"title", "text"}, ...]``) are rendered into the last user message.
 
     Example:
         >>> p = render_prompt(tok, [{"role": "system", "content": "Be brief."},
@@ -58,22 +100,38 @@ def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: 
         >>> p.text[slice(*p.message_spans[0])]
         'Be brief.'
     """
+    doc_spans: list[tuple[int, int]] = []
     if isinstance(messages, str):
         text, spans, msgs = messages, [], None
+        if documents:
+            text, doc_spans = render_documents(documents, text)
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     else:
         msgs = _check_messages(messages)
+        if documents:
+            users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+            if not users:
+                raise ROIError("documents need a user message to go into; the messages have none.")
+            doc_text, _ = render_documents(documents, msgs[users[-1]]["content"])
+            msgs = [dict(m, content=doc_text) if i == users[-1] else m for i, m in enumerate(msgs)]
         if not getattr(tokenizer, "chat_template", None):
             raise ROIError(
                 "This tokenizer has no chat template, so chat messages cannot be rendered; pass the "
                 "prompt as a plain string and the ROI as 'chars:A-B' or 'tokens:...'.")
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
         spans = _find_message_spans(text, msgs)
+        if documents:
+            # The user message's span covers documents + question: split it into the two.
+            start, end = spans[users[-1]]
+            question = messages[users[-1]]["content"].strip()
+            spans[users[-1]] = (end - len(question), end)
+            doc_spans = [(start + a, start + b) for a, b in render_documents(documents, "")[1]]
         # The template already wrote any BOS token into the text.
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if not enc["input_ids"]:
         raise ROIError("The prompt is empty.")
-    return Prompt(text, torch.tensor([enc["input_ids"]]), [tuple(o) for o in enc["offset_mapping"]], msgs, spans)
+    return Prompt(text, torch.tensor([enc["input_ids"]]), [tuple(o) for o in enc["offset_mapping"]], msgs, spans,
+                  doc_spans)
 
 
 def _check_messages(messages) -> list[dict]:
@@ -206,3 +264,79 @@ def resolve_roi(spec: "str | ROI", prompt: Prompt) -> torch.Tensor:
     if not mask.any():
         raise ROIError(f"ROI {str(roi)!r} selects no prompt token (is the message empty?).")
     return mask
+
+
+# --- resolved regions: weights over tokens and heads, and ROI expressions ----------------------
+
+@dataclass
+class Region:
+    """A resolved ROI: signed weights over prompt tokens ``(T,)`` and over attention heads ``(L, H)``.
+
+    A plain ROI has weight 1 on its elements; ``"a - b"`` gives -1 on ``b``. The score of a
+    candidate is ``tokens . token_relevance + sum(heads * head_relevance)``.
+    """
+
+    name: str
+    tokens: torch.Tensor
+    heads: torch.Tensor | None = None
+
+
+_OPERATOR = re.compile(r"\s+([+\-|])\s+")
+
+
+def resolve_region(spec: "str | ROI", prompt: Prompt, model=None) -> Region:
+    """Resolve a ROI or ROI expression (``"context - user"``, ``"system | heads:in-context"``).
+
+    Example:
+        >>> r = resolve_region("context - user", render_prompt(tok, msgs, documents=docs))
+        >>> r.tokens   # +1 on document tokens, -1 on the question
+    """
+    name = str(spec) if isinstance(spec, ROI) else spec.strip()
+    parts = _OPERATOR.split(name) if isinstance(spec, str) else [name]
+    ops, terms = ["+"] + parts[1::2], parts[0::2]
+    if terms[0][:1] in ("+", "-") and len(terms[0]) > 1:  # a leading sign: "+context - user"
+        ops[0], terms[0] = terms[0][0], terms[0][1:].strip()
+    tokens = torch.zeros(len(prompt))
+    heads = None
+    for op, term in zip(ops, terms):
+        t, h = _resolve_term(spec if isinstance(spec, ROI) else term, prompt, model)
+        if h is not None and heads is None:
+            heads = torch.zeros_like(h)
+        if op == "|":
+            tokens = torch.maximum(tokens, t)
+            heads = torch.maximum(heads, h) if h is not None else heads
+        else:
+            sign = -1.0 if op == "-" else 1.0
+            tokens = tokens + sign * t
+            if h is not None:
+                heads = heads + sign * h
+    if not tokens.any() and (heads is None or not heads.any()):
+        raise ROIError(f"ROI {name!r} selects nothing (its parts cancel out or are empty).")
+    return Region(name, tokens, heads)
+
+
+def _resolve_term(term: "str | ROI", prompt: Prompt, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(term, str) and term.startswith("heads:"):
+        from .heads import head_mask
+
+        if model is None:
+            raise ROIError(f"ROI {term!r} needs the model (to know its layers and heads).")
+        return torch.zeros(len(prompt)), head_mask(term[len("heads:"):], model).float()
+    if isinstance(term, str) and (term == "context" or term.startswith("document:")):
+        if not prompt.document_spans:
+            raise ROIError(f"ROI {term!r} needs documents: pass documents=[{{'title': ..., 'text': ...}}, ...].")
+        if term == "context":
+            idx = range(len(prompt.document_spans))
+        else:
+            try:
+                i = int(term.split(":", 1)[1])
+            except ValueError:
+                raise ROIError(f"Cannot parse ROI {term!r}; expected 'document:N' (1-based).") from None
+            if not 1 <= i <= len(prompt.document_spans):
+                raise ROIError(f"ROI {term!r}: there are {len(prompt.document_spans)} documents (1-based).")
+            idx = [i - 1]
+        mask = torch.zeros(len(prompt), dtype=torch.bool)
+        for i in idx:
+            mask |= prompt.tokens_in_chars(*prompt.document_spans[i])
+        return mask.float(), None
+    return resolve_roi(term, prompt).float(), None

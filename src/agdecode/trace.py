@@ -24,7 +24,11 @@ class Step:
 
     ``reason`` is why the token was chosen: ``"attribution"`` (AGD picked the best ROI score),
     ``"gate"`` (entropy below the threshold: greedy), ``"single"`` (one candidate passed
-    ``min_prob``), ``"no-candidate"`` (none did: greedy) or ``"greedy"`` (method greedy).
+    ``min_prob``), ``"no-candidate"`` (none did: greedy) or ``"greedy"`` (method greedy). For the
+    baselines it is the method's name (``"cad"``, ``"dola"``, ``"steer"``, ``"sample"``): then
+    ``entropy``, ``candidates`` and ``greedy_id`` describe the method's own distribution, and ``info``
+    what the method computed at this step (e.g. DoLa's premature layer, CAD's and DoLa's
+    ``model_top``: the plain model's top token).
     """
 
     index: int
@@ -33,6 +37,7 @@ class Step:
     greedy_id: int
     chosen_id: int
     candidates: list[Candidate]
+    info: dict | None = None
 
     @property
     def overridden(self) -> bool:
@@ -65,6 +70,8 @@ class GenerationResult:
     model: str = ""
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # Text of each prompt token, for reports (traces written before this field load with []).
+    prompt_tokens: list[str] = field(default_factory=list)
 
     @property
     def overrides(self) -> list[int]:
@@ -100,3 +107,23 @@ class GenerationResult:
     @classmethod
     def load(cls, path: str | Path) -> "GenerationResult":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_html(self, title: str | None = None) -> str:
+        """This result as one self-contained interactive HTML page (see ``agdecode.report.html``).
+
+        Example:
+            >>> Path("report.html").write_text(result.to_html())
+        """
+        from .report.html import render_html
+
+        return render_html(self, title=title)
+
+    def show(self, title: str | None = None) -> Path | None:
+        """Show the HTML report inline in Jupyter, or write it to a temporary file and print its path.
+
+        Example:
+            >>> result.show()
+        """
+        from .report.html import show
+
+        return show(self, title=title)

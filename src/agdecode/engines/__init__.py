@@ -74,8 +74,10 @@ def _engines():
 ENGINES = tuple(_engines())
 
 
-def make_engine(name: str, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp") -> AttributionEngine:
-    """Build engine ``name`` for ``model`` scoring the ROIs in ``roi_masks`` ``(n_roi, T_prompt)``.
+def make_engine(name: str, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
+                head_weights: torch.Tensor | None = None) -> AttributionEngine:
+    """Build engine ``name`` for ``model`` scoring R ROIs: token weights ``roi_masks`` ``(R, T_prompt)``
+    (a boolean mask or signed weights) and optionally head weights ``(R, layers, heads)``.
 
     Example:
         >>> eng = make_engine("reverse", model, mask[None])
@@ -86,4 +88,4 @@ def make_engine(name: str, model: nn.Module, roi_masks: torch.Tensor, attributio
         raise ValueError(f"engine must be one of {tuple(engines)}, got {name!r}")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
-    return engines[name](model, roi_masks, attribution)
+    return engines[name](model, roi_masks, attribution, head_weights)

@@ -113,6 +113,22 @@ def dual_mode(model: nn.Module, attribution: str = "lrp"):
     return patched(model, norm, gated_mlp, name, extra=[biased])
 
 
+def _seed_heads(weights: torch.Tensor):
+    """A pre-hook on ``o_proj`` adding ``weights[r, h] * (head h's output)`` to tangent row r.
+
+    By linearity the logits' tangent then gains sum_h w_h J~(z <- a_h) a_h, the heads' relevance.
+    """
+
+    def hook(module, args):
+        x = args[0]                                        # (1 + R, T, H * d)
+        r, h = weights.shape
+        primal = x[:1].unflatten(-1, (h, -1))              # (1, T, H, d)
+        seed = (weights[:, None, :, None].to(x.dtype) * primal).flatten(-2)
+        return (torch.cat([x[:1], x[1:] + seed]),)
+
+    return hook
+
+
 class ForwardEngine:
     """Forward-mode AGD through the KV cache. Use as a context manager around one generation.
 
@@ -124,9 +140,10 @@ class ForwardEngine:
     """
 
     def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
-                 prefill_chunk: int = 512):
+                 head_weights: torch.Tensor | None = None, prefill_chunk: int = 512):
         self.model, self.attribution = model, attribution
-        self.roi_masks = roi_masks.to(torch.bool)
+        self.token_weights = roi_masks.float()  # (R, T_prompt)
+        self.head_weights = head_weights        # (R, L, H) or None
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.cache = None
@@ -137,6 +154,12 @@ class ForwardEngine:
         stack = contextlib.ExitStack()
         stack.enter_context(dual_mode(self.model, self.attribution))
         stack.enter_context(torch.no_grad())
+        if self.head_weights is not None:
+            adapter = get_adapter(self.model)
+            for layer, w in zip(adapter.layers(self.model), self.head_weights.unbind(1)):
+                if w.any():
+                    hook = layer.self_attn.o_proj.register_forward_pre_hook(_seed_heads(w.to(self.device)))
+                    stack.callback(hook.remove)
         self._stack = stack
         return self
 
@@ -155,7 +178,7 @@ class ForwardEngine:
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.get_input_embeddings()(input_ids.to(self.device))            # (1, T, D)
-        tangents = x * self.roi_masks.to(self.device, x.dtype)[..., None]           # (R, T, D)
+        tangents = x * self.token_weights.to(self.device, x.dtype)[..., None]       # (R, T, D)
         stacked = torch.cat([x, tangents])
         self.cache = None
         # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
@@ -165,7 +188,7 @@ class ForwardEngine:
 
     def step(self, token_id: int) -> torch.Tensor:
         e = self.model.get_input_embeddings()(torch.tensor([[token_id]], device=self.device))
-        return self._run(torch.cat([e, e.new_zeros(len(self.roi_masks), *e.shape[1:])]))
+        return self._run(torch.cat([e, e.new_zeros(len(self.token_weights), *e.shape[1:])]))
 
     def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:
         return self.scores[:, candidates.to(self.scores.device)]

@@ -39,9 +39,11 @@ class ForwardADEngine:
     """
 
     def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
-                 prefill_chunk: int = 512):
+                 head_weights: torch.Tensor | None = None, prefill_chunk: int = 512):
+        if head_weights is not None:
+            raise ValueError("engine 'forward-ad' attributes to tokens only; use 'forward' or 'reverse' for heads")
         self.model, self.attribution = model, attribution
-        self.roi_masks = roi_masks.to(torch.bool)
+        self.roi_masks = roi_masks.float()
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.cache = None

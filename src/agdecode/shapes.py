@@ -1,0 +1,51 @@
+"""Randomly initialised models of real architectures and sizes, for speed and memory measurements.
+
+Speed and memory do not depend on weight values, so a GPU machine without weights (or network) can
+still measure AGD at real scale: ``agd bench --device cuda --random-init llama-3.1-8b``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SHAPES", "random_model"]
+
+# Published configurations (hidden size, layers, heads, KV heads, MLP width, vocabulary).
+SHAPES: dict[str, dict] = {
+    "tiny-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, vocab_size=1000),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                         rope_theta=500000.0),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936),
+    "gemma-3-4b": dict(model_type="gemma3_text", hidden_size=2560, num_hidden_layers=34, num_attention_heads=8,
+                       num_key_value_heads=4, head_dim=256, intermediate_size=10240, vocab_size=262208,
+                       sliding_window=1024, query_pre_attn_scalar=256),
+}
+
+
+def random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_position_embeddings: int = 8192) -> nn.Module:
+    """Build a randomly initialised model of a named shape directly on ``device``.
+
+    Example:
+        >>> model = random_model("llama-3.1-8b", device="cuda", dtype=torch.bfloat16)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in SHAPES:
+        raise ValueError(f"Unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max_position_embeddings, **spec)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: an 8B model initialised on CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config._name_or_path = f"random-init:{shape}"
+    return model.eval()

@@ -1,0 +1,109 @@
+"""Context, document and attention-head ROIs, and ROI expressions, in both engines."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from agdecode import ROIError, render_prompt
+from agdecode.engines import make_engine
+from agdecode.engines.reverse import attribute
+from agdecode.heads import head_mask
+from agdecode.roi import resolve_region
+from conftest import ARCHS, GOLDEN
+
+DOCS = [{"title": "Cats", "text": "Cats are small carnivorous mammals kept as pets."},
+        {"title": "Paris", "text": "Paris is the capital of France."}]
+MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_relevance_matches_reference(arch):
+    d = json.loads((GOLDEN / arch / "golden.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(GOLDEN / arch, attn_implementation="eager").eval()
+    targets = torch.tensor([t["target"] for t in d["targets"]])
+    tok, heads = attribute(model, torch.tensor([d["input_ids"]]), targets, "lrp", heads=True)
+    for i, t in enumerate(d["targets"]):
+        torch.testing.assert_close(heads[i], torch.tensor(t["head_relevance"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tok[i], torch.tensor(t["token_relevance"]), atol=1e-5, rtol=0)
+
+
+def _scores(model, tok, spec, engine, steps=3, k=5, attribution="lrp"):
+    prompt = render_prompt(tok, MSGS, documents=DOCS)
+    region = resolve_region(spec, prompt, model)
+    heads = None if region.heads is None else region.heads[None]
+    out = []
+    with make_engine(engine, model, region.tokens[None], attribution, heads) as eng:
+        logits = eng.prefill(prompt.input_ids)
+        for _ in range(steps):
+            top = logits.topk(k).indices
+            out.append(eng.roi_scores(top)[0].float())
+            logits = eng.step(int(top[0]))
+    return torch.stack(out)
+
+
+def _close(a, b, rel=1e-4):
+    scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-6)
+    assert ((a - b).abs() / scale).max().item() < rel
+
+
+@pytest.mark.parametrize("spec", ["heads:0.1,1.3", "context - user", "document:2 | system", "heads:1.0 + context"])
+def test_forward_equals_reverse_for_context_and_head_rois(tiny, spec):
+    arch, model, tok = tiny
+    _close(_scores(model, tok, spec, "forward"), _scores(model, tok, spec, "reverse"))
+
+
+def test_context_score_is_the_relevance_map_summed_over_the_documents(tiny):
+    arch, model, tok = tiny
+    prompt = render_prompt(tok, MSGS, documents=DOCS)
+    cands = torch.tensor([5, 17, 300])
+    rel, _ = attribute(model, prompt.input_ids, cands, "lrp")
+    doc_mask = torch.zeros(len(prompt), dtype=torch.bool)
+    for a, b in prompt.document_spans:
+        doc_mask |= prompt.tokens_in_chars(a, b)
+    with make_engine("reverse", model, resolve_region("context", prompt).tokens[None]) as eng:
+        eng.prefill(prompt.input_ids)
+        torch.testing.assert_close(eng.roi_scores(cands)[0], rel[:, doc_mask].sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_document_spans_and_roles(tokenizer):
+    prompt = render_prompt(tokenizer, MSGS, documents=DOCS)
+    assert [prompt.text[a:b] for a, b in prompt.document_spans] == [
+        "Cats) Cats are small carnivorous mammals kept as pets.", "Paris) Paris is the capital of France."]
+    user = resolve_region("user", prompt).tokens.bool()
+    assert tokenizer.decode(prompt.input_ids[0][user]) == "What is the capital of France?"
+    contrast = resolve_region("+context - user", prompt).tokens
+    assert set(contrast.unique().tolist()) == {-1.0, 0.0, 1.0}
+    both = resolve_region("context | document:1", prompt).tokens
+    assert torch.equal(both, resolve_region("context", prompt).tokens)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("heads:9.0", "layer out of range; the model has 2 layers"),
+    ("heads:0.7", "head out of range; the model has 4 heads"),
+    ("heads:x.y", "Cannot parse head ROI"),
+    ("heads:parametric", "No shipped 'parametric' head set"),
+    ("heads:missing.json", "not found"),
+    ("document:3", "there are 2 documents"),
+    ("context - context", "selects nothing"),
+])
+def test_bad_head_and_document_rois(tiny, spec, match):
+    arch, model, tok = tiny
+    with pytest.raises(ROIError, match=match):
+        resolve_region(spec, render_prompt(tok, MSGS, documents=DOCS), model)
+
+
+def test_context_roi_without_documents(tiny):
+    arch, model, tok = tiny
+    with pytest.raises(ROIError, match="needs documents"):
+        resolve_region("context", render_prompt(tok, MSGS), model)
+
+
+def test_head_mask_from_discovery_file(tiny, tmp_path):
+    arch, model, tok = tiny
+    f = tmp_path / "heads.json"
+    f.write_text(json.dumps({"kind": "parametric", "top": {"parametric": [[1, 2], [0, 0]], "in-context": [[1, 1]]}}))
+    assert head_mask(str(f), model).nonzero().tolist() == [[0, 0], [1, 2]]
+    assert head_mask(f"{f}#in-context", model).nonzero().tolist() == [[1, 1]]
