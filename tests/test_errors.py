@@ -19,8 +19,8 @@ def llama(tokenizer):
     (dict(k=2.5), "k must be an integer >= 1"),
     (dict(min_prob=-0.1), r"min_prob must be in \[0, 1\]"),
     (dict(min_prob=1.5), r"min_prob must be in \[0, 1\]"),
-    (dict(entropy_threshold=-1.0), "entropy_threshold must be None or a number >= 0"),
-    (dict(entropy_threshold=float("nan")), "entropy_threshold must be None or a number >= 0"),
+    (dict(entropy_threshold=-1.0), r"entropy_threshold must be None, a number >= 0 \(nats\) or .auto."),
+    (dict(entropy_threshold=float("nan")), r"entropy_threshold must be None, a number >= 0 \(nats\) or .auto."),
     (dict(attribution="grad"), "attribution must be one of"),
     (dict(engine="magic"), "engine must be one of"),
     (dict(method="beam"), "method must be one of"),
@@ -121,3 +121,8 @@ def test_cli_reports_errors_without_a_traceback(capsys):
     assert main(["generate", "hi", "--model", "/does/not/exist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("agd: error: Model '/does/not/exist' not found") and "Traceback" not in err
+
+
+def test_min_new_tokens_must_be_non_negative(llama, messages):
+    with pytest.raises(ValueError, match="min_new_tokens must be an integer >= 0"):
+        generate(*llama, messages, config=agdecode.AGDConfig(min_new_tokens=-1))

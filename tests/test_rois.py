@@ -107,3 +107,37 @@ def test_head_mask_from_discovery_file(tiny, tmp_path):
     f.write_text(json.dumps({"kind": "parametric", "top": {"parametric": [[1, 2], [0, 0]], "in-context": [[1, 1]]}}))
     assert head_mask(str(f), model).nonzero().tolist() == [[0, 0], [1, 2]]
     assert head_mask(f"{f}#in-context", model).nonzero().tolist() == [[1, 1]]
+
+
+def test_generate_with_documents_context_and_head_rois(tiny):
+    from agdecode import generate
+
+    arch, model, tok = tiny
+    out = generate(model, tok, MSGS, documents=DOCS, roi=["context - user", "heads:0.1,1.2", "document:2"],
+                   k=3, min_prob=0.0, max_new_tokens=3)
+    assert "Document [2](Title: Paris)" in out.prompt
+    assert set(out.steps[0].candidates[0].scores) == {"context - user", "heads:0.1,1.2", "document:2"}
+    assert out.extra["roi_heads"] == {"heads:0.1,1.2": [[0, 1], [1, 2]]}
+    assert out.roi_positions["document:2"] and set(out.roi_positions["document:2"]) < set(out.roi_positions["context - user"])
+    rev = generate(model, tok, MSGS, documents=DOCS, roi=["context - user", "heads:0.1,1.2", "document:2"],
+                   k=3, min_prob=0.0, max_new_tokens=3, engine="reverse")
+    assert rev.token_ids == out.token_ids
+
+
+def test_generate_ids_without_tokenizer_and_min_new_tokens(tiny):
+    from agdecode import AGDConfig
+    from agdecode.decoding import generate_ids
+
+    arch, model, tok = tiny
+    ids = torch.randint(10, 1000, (1, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(30, dtype=torch.bool)
+    mask[:8] = True
+    model.generation_config.eos_token_id = None
+    logits = model(ids).logits[0, -1]
+    model.generation_config.eos_token_id = int(logits.argmax())  # greedy would stop at once
+    try:
+        out = generate_ids(model, ids, {"roi": mask}, AGDConfig(k=1, max_new_tokens=5, min_new_tokens=5))
+    finally:
+        model.generation_config.eos_token_id = None
+    assert len(out.token_ids) == 5 and out.token_ids[0] == int(logits.argmax())
+    assert out.roi_positions == {"roi": list(range(8))} and out.tokens == [""] * 5

@@ -20,10 +20,10 @@ from torch import nn
 from .baselines import BASELINES, describe_vector, make_source, validate_settings
 from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
-from .roi import ROI, Prompt, render_prompt, resolve_roi
+from .roi import ROI, Prompt, Region, render_prompt, resolve_region
 from .trace import Candidate, GenerationResult, Step
 
-__all__ = ["AGDConfig", "generate", "compare", "entropy", "NonFiniteLogitsError", "METHODS"]
+__all__ = ["AGDConfig", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError", "METHODS"]
 
 METHODS = ("agd", "greedy") + BASELINES
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
@@ -45,10 +45,11 @@ class AGDConfig:
     roi: str | ROI | list = "system"
     k: int = 5
     min_prob: float = 0.05
-    entropy_threshold: float | None = None
+    entropy_threshold: float | str | None = None  # nats; "auto" = the model's calibration (agdecode.calibrate)
     attribution: str = "lrp"
     engine: str = ENGINES[0]
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # as in transformers: end-of-sequence does not stop generation before this
     # Baselines (agdecode.baselines; README "Baselines"). Each is read by one method only.
     cad_alpha: float = 0.5  # cad: (1 + a) * full - a * without ROI; Shi et al. also use 1.0
     dola_layers: str | list[int] = "high"  # dola: "low", "high" or premature layer indices
@@ -68,14 +69,17 @@ class AGDConfig:
         if not isinstance(self.min_prob, (int, float)) or not 0.0 <= self.min_prob <= 1.0:
             raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob!r}")
         t = self.entropy_threshold
-        if t is not None and (not isinstance(t, (int, float)) or math.isnan(t) or t < 0):
-            raise ValueError(f"entropy_threshold must be None or a number >= 0 (nats), got {t!r}")
+        if t is not None and t != "auto" and (isinstance(t, bool) or not isinstance(t, (int, float))
+                                              or math.isnan(t) or t < 0):
+            raise ValueError(f"entropy_threshold must be None, a number >= 0 (nats) or 'auto', got {t!r}")
         if self.attribution not in ATTRIBUTIONS:
             raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {self.attribution!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         validate_settings(self)
         return self
 
@@ -85,7 +89,7 @@ class AGDConfig:
     def to_dict(self) -> dict:
         d = asdict(replace(self, steer_vector=None))  # a tensor would not survive JSON
         d["steer_vector"] = describe_vector(self.steer_vector)
-        d["roi"] = [str(ROI.parse(r)) for r in self.roi_list()]
+        d["roi"] = [str(r) if isinstance(r, ROI) else str(r).strip() for r in self.roi_list()]
         return d
 
 
@@ -104,7 +108,7 @@ def entropy(logits: torch.Tensor) -> float:
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
 
@@ -121,11 +125,12 @@ def generate(
     tokenizer,
     messages: list[dict] | str,
     *,
+    documents: Sequence[dict] | None = None,
     roi: str | ROI | Sequence = "system",
     method: str = "agd",
     k: int = 5,
     min_prob: float = 0.05,
-    entropy_threshold: float | None = None,
+    entropy_threshold: float | str | None = None,
     attribution: str = "lrp",
     engine: str | None = None,
     max_new_tokens: int = 128,
@@ -135,8 +140,12 @@ def generate(
 ) -> GenerationResult:
     """Generate a reply with Attribution-Guided Decoding (or greedy, with ``method="greedy"``).
 
-    ``roi`` may be a list of ROIs: the first decides, all are scored and recorded in the trace.
-    ``entropy_threshold`` (nats) enables the gate of AGD_e (the paper uses 1.734). ``streamer``
+    ``roi`` is a ROI or ROI expression (see :mod:`agdecode.roi`: ``"system"``, ``"context"``,
+    ``"document:2"``, ``"heads:in-context"``, ``"context - user"``, ...) or a list of them: the
+    first decides, all are scored and recorded in the trace. ``documents``
+    (``[{"title", "text"}, ...]``) are rendered into the last user message (``roi="context"``).
+    ``entropy_threshold`` (nats) enables the gate of AGD_e (the paper uses 1.734); ``"auto"`` takes
+    this model's calibrated value (``agd calibrate``, :mod:`agdecode.calibrate`). ``streamer``
     is any Hugging Face streamer (``put``/``end``). Pass ``config`` instead of the keywords to
     reuse settings.
 
@@ -158,44 +167,88 @@ def generate(
                            attribution=attribution, engine=engine or ENGINES[0], max_new_tokens=max_new_tokens, **settings)
     elif settings:
         config = replace(config, **settings)
+    if config.entropy_threshold == "auto":  # resolved per model, so a calibration is never used for another
+        from .calibrate import calibrated_threshold
+
+        config = replace(config, entropy_threshold=calibrated_threshold(model))
     config.validate()
-    prompt = render_prompt(tokenizer, messages)
+    prompt = render_prompt(tokenizer, messages, documents=documents)
     _check_length(model, prompt, config.max_new_tokens)
-    rois = {str(ROI.parse(r)): resolve_roi(r, prompt) for r in config.roi_list()} if config.method in ("agd", "cad") else {}
     if config.method == "agd":
-        eng = make_engine(config.engine, model, torch.stack(list(rois.values())), config.attribution)
+        regions = [resolve_region(r, prompt, model) for r in config.roi_list()]
+        source = None
     else:
-        eng = make_source(config, model, tokenizer, prompt)
+        regions = []
+        source = make_source(config, model, tokenizer, prompt, messages=messages, documents=documents)
+    return generate_ids(model, prompt.input_ids, regions, config, tokenizer=tokenizer, streamer=streamer,
+                        source=source, prompt=prompt)
+
+
+def generate_ids(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    rois: Sequence[Region] | dict[str, torch.Tensor],
+    config: AGDConfig,
+    tokenizer=None,
+    streamer=None,
+    source=None,
+    prompt: Prompt | None = None,
+) -> GenerationResult:
+    """The decoding loop on token ids, for callers that build prompts and ROIs themselves.
+
+    ``rois`` are resolved regions or ``{name: token mask (T,)}``; ``source`` is a baseline's
+    logits source (else greedy or AGD per ``config.method``). Without a tokenizer the trace
+    holds no token strings. Used by ``agd bench`` on random-init models.
+
+    Example:
+        >>> mask = torch.zeros(ids.shape[1], dtype=torch.bool); mask[:10] = True
+        >>> out = generate_ids(model, ids, {"roi": mask}, AGDConfig(max_new_tokens=16))
+    """
+    config.validate()
+    if isinstance(rois, dict):
+        rois = [Region(n, m.float()) for n, m in rois.items()]
+    if config.method == "agd":
+        heads = None
+        if any(r.heads is not None for r in rois):
+            shape = next(r.heads.shape for r in rois if r.heads is not None)
+            heads = torch.stack([r.heads if r.heads is not None else torch.zeros(shape) for r in rois])
+        eng = make_engine(config.engine, model, torch.stack([r.tokens for r in rois]), config.attribution, heads)
+    else:
+        eng = source if source is not None else CachedForward(model)
     eos = _eos_ids(model, tokenizer)
-    roi_names = list(rois)
+    roi_names = [r.name for r in rois]
+    decode = tokenizer.decode if tokenizer is not None else (lambda ids, **kw: "")
+    ids = input_ids[0].tolist()
 
     start = time.perf_counter()
     with eng:
-        steps, out_ids, relevance = _decode(eng, prompt, config, tokenizer, roi_names, eos, streamer)
+        steps, out_ids, relevance = _decode(eng, input_ids, config, decode, roi_names, eos, streamer)
     return GenerationResult(
-        text=tokenizer.decode(out_ids, skip_special_tokens=True),
+        text=decode(out_ids, skip_special_tokens=True),
         token_ids=out_ids,
-        tokens=[tokenizer.decode([t]) for t in out_ids],
-        prompt=prompt.text,
-        prompt_ids=prompt.input_ids[0].tolist(),
-        prompt_tokens=[tokenizer.decode([t]) for t in prompt.input_ids[0].tolist()],
-        roi_positions={n: m.nonzero().flatten().tolist() for n, m in rois.items()},
+        tokens=[decode([t]) for t in out_ids],
+        prompt=prompt.text if prompt is not None else decode(ids),
+        prompt_ids=ids,
+        prompt_tokens=[decode([t]) for t in ids],
+        roi_positions={r.name: r.tokens.nonzero().flatten().tolist() for r in rois},
         steps=steps,
         config=config.to_dict(),
         model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
         seconds=time.perf_counter() - start,
         extra={**({"relevance": relevance} if relevance else {}),
-               **({"method": eng.describe()} if hasattr(eng, "describe") else {})},
+               **({"method": eng.describe()} if hasattr(eng, "describe") else {}),
+               **({"roi_heads": {r.name: r.heads.nonzero().tolist() for r in rois if r.heads is not None}}
+                  if any(r.heads is not None for r in rois) else {})},
     )
 
 
-def _decode(eng, prompt: Prompt, config: AGDConfig, tokenizer, roi_names: list[str], eos: set[int], streamer):
+def _decode(eng, input_ids: torch.Tensor, config: AGDConfig, decode, roi_names: list[str], eos: set[int], streamer):
     """The loop itself: one engine, one sequence."""
     if streamer is not None:
-        streamer.put(prompt.input_ids.cpu())
+        streamer.put(input_ids.cpu())
     steps, out_ids, relevance = [], [], {}
     sampler = Sampler(config.temperature, config.top_p, config.seed) if config.method == "sample" else None
-    logits = eng.prefill(prompt.input_ids)
+    logits = eng.prefill(input_ids)
     for i in range(config.max_new_tokens):
         # -inf is a legitimate mask (DoLa); NaN, +inf or nothing finite is a broken model.
         if logits.isnan().any() or logits.isposinf().any() or not logits.isfinite().any():
@@ -231,7 +284,7 @@ def _decode(eng, prompt: Prompt, config: AGDConfig, tokenizer, roi_names: list[s
         steps.append(Step(
             index=i, entropy=h, reason=reason, greedy_id=greedy_id, chosen_id=chosen,
             candidates=[
-                Candidate(int(t), tokenizer.decode([int(t)]), float(p),
+                Candidate(int(t), decode([int(t)]), float(p),
                           {n: float(scores[r, j]) for r, n in enumerate(roi_names)}
                           if scores is not None and j < len(cands) else None)
                 for j, (p, t) in enumerate(zip(top_p, top_i))
@@ -239,7 +292,7 @@ def _decode(eng, prompt: Prompt, config: AGDConfig, tokenizer, roi_names: list[s
         out_ids.append(chosen)
         if streamer is not None:
             streamer.put(torch.tensor([chosen]))
-        if chosen in eos:
+        if chosen in eos and len(out_ids) >= config.min_new_tokens:
             break
         logits = eng.step(chosen)
     if streamer is not None:

@@ -68,7 +68,7 @@ def _rules(lrp: bool):
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
         if softcap is not None:
-            raise NotImplementedError("attention logit soft-capping is not supported by the forward engine; "
+            raise ValueError("attention logit soft-capping is not supported by the forward engine; "
                                       "use engine='reverse'")
         b, h, t, d = query.shape
         hkv = key.shape[1]
@@ -103,7 +103,7 @@ def dual_mode(model: nn.Module, attribution: str = "lrp"):
         >>> logits, roi_scores = out.logits[0, -1], out.logits[1, -1]
     """
     if getattr(model.config, "final_logit_softcapping", None):
-        raise NotImplementedError("final logit soft-capping is not supported by the forward engine; "
+        raise ValueError("final logit soft-capping is not supported by the forward engine; "
                                   "use engine='reverse'")
     adapter = get_adapter(model)
     llama_norm, gemma_norm, gated_mlp, attention = _rules(attribution == "lrp")
