@@ -131,7 +131,7 @@ def plot_heads(result: dict, path: str | Path) -> Path:
 
     d = torch.tensor(result["scores"]["D"])
     lim = float(d.abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
+    fig, ax = plt.subplots(figsize=(max(6.5, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
     im = ax.imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for kind, marker in (("in-context", "o"), ("parametric", "s")):
         pts = result["top"][kind]
