@@ -58,7 +58,11 @@ def _worker(args) -> dict:
     """Time one mode at one prompt length in this process; return the measurements."""
     from .decoding import AGDConfig, generate_ids
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = _load(args)
+    with torch.no_grad():  # page every weight in (safetensors are memory-mapped) before taking the base
+        model(torch.zeros(1, 1, dtype=torch.long, device=args.device))
     base = torch.cuda.memory_allocated() / 2**20 if args.device.startswith("cuda") else _rss_mib()
     gen = torch.Generator().manual_seed(args.length)
     vocab = model.config.vocab_size
@@ -70,7 +74,7 @@ def _worker(args) -> dict:
     def once(n_tokens: int) -> tuple[float, int]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.mode == "greedy":
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
@@ -81,20 +85,23 @@ def _worker(args) -> dict:
             guided = generate_ids(model, ids, {"roi": roi}, cfg).guided_steps
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, guided
+        return time.perf_counter() - t0, time.process_time() - c0, guided
 
-    once(min(n, 4))  # warm-up at the same prompt length (also sets the memory high-water mark)
+    once(min(n, 2))  # warm-up at the same prompt length (also sets the memory high-water mark)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = [once(n) for _ in range(args.repeats)]
-    seconds = statistics.median(r[0] for r in runs)
+    seconds, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     return dict(mode=args.mode, length=args.length, new_tokens=n, repeats=args.repeats, seconds=seconds,
-                s_per_token=seconds / n, guided_steps=runs[0][1], peak_mib=_peak_mib(args.device), base_mib=base)
+                s_per_token=seconds / n, cpu_s_per_token=cpu / n, guided_steps=runs[0][2],
+                peak_mib=_peak_mib(args.device), base_mib=base)
 
 
 def _machine(args) -> dict:
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
@@ -105,6 +112,9 @@ def _machine(args) -> dict:
 
 
 def _table(results: list[dict], machine: dict, args) -> str:
+    # On a CPU with one thread per run, CPU seconds measure the work done even when other processes
+    # share the machine; wall-clock seconds (also reported) do not. On a GPU, wall clock it is.
+    key = "cpu_s_per_token" if machine["device"] == "cpu" and args.threads == 1 else "s_per_token"
     lines = [f"# agd bench: {machine['model']} on {machine.get('gpu') or machine['cpu']} ({machine['device']}, "
              f"{machine['dtype']})", "",
              f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads; "
@@ -112,9 +122,11 @@ def _table(results: list[dict], machine: dict, args) -> str:
              "after one warm-up. ROI = first quarter of a random-token prompt. `agd-reverse` and `agd-forward` "
              "attribute k=5 candidates at every step (min_prob=0); `agd_e-forward` is the paper's setting "
              "(min_prob 0.05, entropy gate 1.734). Peak memory: whole process (CPU: max RSS; CUDA: "
-             "max allocated), and in brackets the part above the loaded model.", "",
-             "| prompt | mode | s/token | x greedy | peak MiB (above model) | x greedy (above model) |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "max allocated), and in brackets the part above the loaded model. Ratios use "
+             + ("CPU seconds (one thread per run; robust to other load on the machine)." if key == "cpu_s_per_token"
+                else "wall-clock seconds."), "",
+             "| prompt | mode | wall s/token | CPU s/token | x greedy | peak MiB (above model) | x greedy (above model) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     by = {(r["length"], r["mode"]): r for r in results}
     for length in args.lengths:
         g = by.get((length, "greedy"))
@@ -125,16 +137,15 @@ def _table(results: list[dict], machine: dict, args) -> str:
             extra = r["peak_mib"] - r["base_mib"]
             if g:
                 gx = g["peak_mib"] - g["base_mib"]
-                ratios = (f"{r['s_per_token'] / g['s_per_token']:.2f}",
+                ratios = (f"{r[key] / g[key]:.2f}",
                           f"{r['peak_mib'] / g['peak_mib']:.2f} ({extra / max(gx, 1e-9):.2f})")
             else:
                 ratios = ("", "")
-            lines.append(f"| {length} | {mode} | {r['s_per_token']:.4f} | {ratios[0]} | "
+            lines.append(f"| {length} | {mode} | {r['s_per_token']:.4f} | {r['cpu_s_per_token']:.4f} | {ratios[0]} | "
                          f"{r['peak_mib']:.0f} ({extra:.0f}) | {ratios[1]} |")
         f, rv = by.get((length, "agd-forward")), by.get((length, "agd-reverse"))
         if f and rv:
-            lines.append(f"| {length} | forward speed-up over reverse | {rv['s_per_token'] / f['s_per_token']:.1f}x"
-                         " | | | |")
+            lines.append(f"| {length} | forward speed-up over reverse | | | {rv[key] / f[key]:.1f}x | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +161,8 @@ def run_bench(args) -> list[dict]:
         cmd = [sys.executable, "-m", "agdecode.bench", "--worker", "--mode", mode, "--length", str(length),
                "--model", args.model, "--device", args.device, "--dtype", args.dtype,
                "--new-tokens", str(args.new_tokens), "--reverse-tokens", str(args.reverse_tokens),
-               "--repeats", str(args.repeats)] + (["--random-init", args.random_init] if args.random_init else [])
+               "--repeats", str(args.repeats)] + (["--random-init", args.random_init] if args.random_init else []) \
+            + (["--threads", str(args.threads)] if args.threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tqdm.write(f"{mode} @ {length}: FAILED\n{proc.stderr[-2000:]}")
@@ -178,10 +190,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
-    p.add_argument("--reverse-tokens", type=int, default=8,
-                   help="tokens for the slow reverse engine (default 8; each is a full recompute)")
+    p.add_argument("--reverse-tokens", type=int, default=4,
+                   help="tokens for the slow reverse engine (default 4; each is a full recompute)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median; default 3)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="what to measure")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's choice)")
     p.add_argument("--out", default="docs/bench", help="folder for the JSON and markdown results")
 
 

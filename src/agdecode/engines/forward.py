@@ -37,6 +37,16 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:1], x[1:]
 
 
+def _to_queries(x: torch.Tensor) -> torch.Tensor:
+    """(R, Hkv, Q, .) -> (1, Hkv, R*Q, .): tangent rows as extra queries of the primal row."""
+    return x.movedim(0, 1).flatten(1, 2)[None] if x.shape[0] > 1 else x
+
+
+def _from_queries(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The inverse of :func:`_to_queries`."""
+    return x[0].unflatten(1, (r, -1)).movedim(1, 0) if r > 1 else x
+
+
 def _norm_rows(h: torch.Tensor, eps: float, lrp: bool) -> torch.Tensor:
     p, t = _rows(h)
     r = torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + eps)
@@ -69,20 +79,37 @@ def _rules(lrp: bool):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
         if softcap is not None:
             raise ValueError("attention logit soft-capping is not supported by the forward engine; "
-                                      "use engine='reverse'")
+                             "use engine='reverse'")
         b, h, t, d = query.shape
-        hkv = key.shape[1]
+        hkv, r = key.shape[1], b - 1
+        g = h // hkv
         scaling = d ** -0.5 if scaling is None else scaling
-        # Grouped-query attention without repeating keys: (B, Hkv, G, T, d) against (B, Hkv, 1, S, d).
-        (q0, qt), (k0, kt), (v0, vt) = (_rows(query.view(b, hkv, h // hkv, t, d)),
-                                        _rows(key[:, :, None]), _rows(value[:, :, None]))
-        s0 = (q0 @ k0.transpose(-1, -2)) * scaling
+        # Grouped-query attention as plain batched matmuls without copies: the G query heads sharing
+        # a key head are folded into the query axis, (B, Hkv, G*T, d) against keys (B, Hkv, S, d).
+        (q0, qt), (k0, kt), (v0, vt) = _rows(query.reshape(b, hkv, g * t, d)), _rows(key), _rows(value)
+        # Scales are folded into the (small) queries and outputs, never applied to the (large) scores
+        # or the cached keys and values.
+        q0s, qts = q0 * scaling, qt * (scaling / fq)
+        if t == 1:
+            # Decoding is bound by reading the KV cache: the tangent queries join the primal one, so
+            # the primal keys and values are read once for all rows.
+            sq = torch.cat([q0s, _to_queries(qts)], dim=2) @ k0.mT                 # (1, Hkv, (1+R)G, S)
+            s0, ds = sq[:, :, :g], _from_queries(sq[:, :, g:], r)
+        else:
+            s0, ds = q0s @ k0.mT, qts @ k0.mT                                      # (1|R, Hkv, G*T, S)
         if attention_mask is not None:
-            s0 = s0 + attention_mask[:1, :, None]
+            s0.view(1, hkv, g, t, -1).add_(attention_mask[:1, :, None])
         a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(query.dtype)
-        ds = ((qt / fq) @ k0.transpose(-1, -2) + q0 @ (kt / fk).transpose(-1, -2)) * scaling
-        da = a * (ds - (a * ds).sum(-1, keepdim=True))  # softmax Jacobian-vector product
-        out = torch.cat([a @ v0, da @ v0 + a @ (vt / fv)])
+        ds = ds.add_((q0 * (scaling / fk)) @ kt.mT)
+        # Softmax Jacobian-vector product: da = a * ds - a * sum(a * ds), in two passes.
+        da = a * ds
+        da = da.addcmul_(a, da.sum(-1, keepdim=True), value=-1.0)
+        if t == 1:
+            o = torch.cat([a, _to_queries(da)], dim=2) @ v0
+            o0, ot = o[:, :, :g], _from_queries(o[:, :, g:], r)
+        else:
+            o0, ot = a @ v0, da @ v0
+        out = torch.cat([o0, ot + (a @ vt) / fv])                                  # (B, Hkv, G*T, d)
         return out.view(b, h, t, d).transpose(1, 2).contiguous(), None
 
     return llama_norm, gemma_norm, gated_mlp, attention
@@ -140,12 +167,14 @@ class ForwardEngine:
     """
 
     def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
-                 head_weights: torch.Tensor | None = None, prefill_chunk: int = 512):
+                 head_weights: torch.Tensor | None = None, prefill_chunk: int | None = None):
         self.model, self.attribution = model, attribution
         self.token_weights = roi_masks.float()  # (R, T_prompt)
         self.head_weights = head_weights        # (R, L, H) or None
-        self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
+        # Small chunks skip most of the causally masked score blocks (measured on CPU: 128 is
+        # fastest); a GPU wants larger matmuls.
+        self.prefill_chunk = prefill_chunk or (512 if self.device.type == "cuda" else 128)
         self.cache = None
         self.scores: torch.Tensor | None = None  # (n_roi, V): ROI score of every token at the current position
         self._stack: contextlib.ExitStack | None = None
