@@ -1,0 +1,209 @@
+"""Calibrating the entropy gate of AGD_e for a model: ``entropy_threshold="auto"``.
+
+The paper's tau = 1.734 nats is the 80th percentile of the token-level entropy of greedy generations
+on IHEval with *its* models; smaller models are less certain (SmolLM2-135M's 80th percentile on the
+rule set is ~3.2 nats), so 1.734 would guide far more than 20 % of their steps. ``agd calibrate``
+greedy-decodes a calibration set, records the entropy of every generated step, and stores the chosen
+percentile with the model's identity, the data used and the entropy histogram as a small JSON file
+in the user cache. A calibration is only ever used for the model it was made with.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["model_identity", "calibrate", "calibration_path", "save_calibration", "load_calibration",
+           "calibrated_threshold", "CalibrationError", "BIN_WIDTH"]
+
+BIN_WIDTH = 0.05  # nats per histogram bin
+_VOLATILE = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
+             "_attn_implementation_autoset", "attn_implementation", "_attn_implementation"}
+
+
+class CalibrationError(ValueError):
+    """No calibration for this model, or one made for another model."""
+
+
+def _model_hint(model: nn.Module) -> str:
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    return "smollm2" if name.rstrip("/").endswith("smollm2-135m-instruct-fp32") else (name or "<model folder>")
+
+
+@torch.no_grad()
+def model_identity(model: nn.Module) -> dict:
+    """Who a model is: its type, where it was loaded from, and a fingerprint of its config and weights.
+
+    The fingerprint hashes the config (minus paths, dtype and versions) and the first values of a
+    few weight tensors rounded to bf16, so the same weights in fp32 or bf16, or moved to another
+    folder, keep their identity, while any other model gets another.
+
+    Example:
+        >>> model_identity(model)["fingerprint"][:12]
+        '3f9c0a51d2e4'
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    params = [p for _, p in model.named_parameters()]
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().flatten()[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return {"model_type": getattr(model.config, "model_type", type(model).__name__),
+            "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+            "fingerprint": h.hexdigest()}
+
+
+def calibration_path(model: nn.Module) -> Path:
+    """Where the calibration of ``model`` lives: ``<cache_dir>/calibration/<type>-<fingerprint>.json``.
+
+    Example:
+        >>> calibration_path(model).name
+        'llama-3f9c0a51d2e4a7b1.json'
+    """
+    from .models import cache_dir
+
+    ident = model_identity(model)
+    return cache_dir() / "calibration" / f"{ident['model_type']}-{ident['fingerprint'][:16]}.json"
+
+
+def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, percentile: float = 80.0,
+              max_new_tokens: int = 128, data: dict | None = None, progress: bool = False) -> tuple[dict, np.ndarray]:
+    """Greedy-decode ``conversations`` and take the ``percentile`` of the per-step entropies (nats).
+
+    Returns the calibration record (threshold, model identity, data, histogram, fractions of steps
+    guided under it and under the paper's 1.734) and the array of all recorded entropies.
+
+    Example:
+        >>> record, h = calibrate(model, tok, [it["messages"] for it in items], max_new_tokens=64)
+        >>> record["threshold"] == float(np.percentile(h, 80))
+        True
+    """
+    from .decoding import PAPER_ENTROPY_THRESHOLD, generate
+
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+    if not conversations:
+        raise ValueError("the calibration set is empty")
+    entropies, start = [], time.perf_counter()
+    it = conversations
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(conversations, desc="calibrating", unit="item")
+    for messages in it:
+        res = generate(model, tokenizer, messages, method="greedy", max_new_tokens=max_new_tokens)
+        entropies += [s.entropy for s in res.steps]
+    h = np.asarray(entropies, dtype=np.float64)
+    threshold = float(np.percentile(h, percentile))
+    edges_max = BIN_WIDTH * (int(h.max() / BIN_WIDTH) + 1)
+    counts, _ = np.histogram(h, bins=int(round(edges_max / BIN_WIDTH)), range=(0.0, edges_max))
+    record = {
+        "version": 1,
+        "model": model_identity(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "data": {**(data or {}), "n_items": len(conversations)},
+        "max_new_tokens": max_new_tokens,
+        "percentile": percentile,
+        "threshold": threshold,
+        "n_steps": int(h.size),
+        "fraction_guided": {"calibrated": float((h >= threshold).mean()),
+                            "paper_1.734": float((h >= PAPER_ENTROPY_THRESHOLD).mean())},
+        "entropy_summary": {"mean": float(h.mean()), "median": float(np.median(h)), "max": float(h.max())},
+        "histogram": {"bin_width": BIN_WIDTH, "start": 0.0, "counts": counts.tolist()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return record, h
+
+
+def save_calibration(record: dict, path: str | Path | None = None) -> Path:
+    """Write a calibration record (default: the model's :func:`calibration_path`), atomically.
+
+    Example:
+        >>> save_calibration(record)
+        PosixPath('/root/.cache/agdecode/calibration/llama-3f9c0a51d2e4a7b1.json')
+    """
+    if path is None:
+        from .models import cache_dir
+
+        m = record["model"]
+        path = cache_dir() / "calibration" / f"{m['model_type']}-{m['fingerprint'][:16]}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_calibration(model: nn.Module, path: str | Path | None = None) -> dict:
+    """The calibration record of ``model`` (from ``path`` or the cache); refuses one made for another model.
+
+    Example:
+        >>> load_calibration(model)["threshold"]
+        3.21
+    """
+    explicit = path is not None
+    path = Path(path) if explicit else calibration_path(model)
+    if not path.is_file():
+        raise CalibrationError(
+            f"No entropy calibration for this model ({_model_hint(model)}) at {path}. "
+            f"Run `agd calibrate --model {_model_hint(model)}` first, or pass a number such as "
+            "entropy_threshold=1.734 (the paper's value).")
+    record = json.loads(path.read_text())
+    mine, theirs = model_identity(model), record.get("model", {})
+    if theirs.get("fingerprint") != mine["fingerprint"]:
+        raise CalibrationError(
+            f"The calibration {path} was made for another model ({theirs.get('model_type')} "
+            f"{theirs.get('name_or_path')!r}, fingerprint {str(theirs.get('fingerprint'))[:12]}), not for this "
+            f"one ({mine['model_type']} {mine['name_or_path']!r}, fingerprint {mine['fingerprint'][:12]}). "
+            f"Run `agd calibrate --model {_model_hint(model)}`.")
+    return record
+
+
+def calibrated_threshold(model: nn.Module, path: str | Path | None = None) -> float:
+    """The calibrated entropy threshold (nats) of ``model``: what ``entropy_threshold="auto"`` uses.
+
+    Example:
+        >>> agdecode.generate(model, tok, messages, entropy_threshold="auto")  # uses this value
+    """
+    return float(load_calibration(model, path)["threshold"])
+
+
+def plot_histogram(record: dict, path: str | Path, title: str | None = None) -> Path:
+    """The entropy histogram of a calibration as PNG, with its percentile and the paper's 1.734 marked.
+
+    Example:
+        >>> plot_histogram(load_calibration(model), "docs/entropy-smollm2.png")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report.style import PALETTE, method_color, rc_params, save_png
+
+    hist = record["histogram"]
+    counts = np.asarray(hist["counts"], dtype=float)
+    edges = hist["start"] + hist["bin_width"] * np.arange(len(counts) + 1)
+    frac = record["fraction_guided"]
+    with plt.rc_context(rc_params()):
+        fig, ax = plt.subplots()
+        ax.stairs(counts / counts.sum() / hist["bin_width"], edges, fill=True, color=method_color("greedy"), alpha=0.6)
+        ax.axvline(record["threshold"], color=PALETTE["threshold"], lw=1.6,
+                   label=f"{record['percentile']:g}th percentile = {record['threshold']:.2f} nats "
+                         f"({100 * frac['calibrated']:.0f} % of steps at or above)")
+        ax.axvline(1.734, color=PALETTE["agd"], lw=1.6, ls="--",
+                   label=f"paper's tau = 1.734 nats ({100 * frac['paper_1.734']:.0f} % of steps at or above)")
+        ax.set_xlabel("next-token entropy (nats)")
+        ax.set_ylabel("density of generated steps")
+        m = record["model"]
+        name = m.get("cli_name") or Path(m.get("name_or_path") or m["model_type"]).name
+        ax.set_title(title or f"Greedy-step entropy, {name} ({record['n_steps']} steps, "
+                              f"{record['data'].get('n_items')} items of {record['data'].get('name', '?')})")
+        ax.legend(loc="upper right", frameon=True, framealpha=0.95, edgecolor="none")
+        return save_png(fig, path)

@@ -1,0 +1,182 @@
+"""``agd eval rules|qa|report`` and ``agd calibrate``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register_eval", "register_calibrate"]
+
+DEFAULTS = {"rules": {"data": "rules", "max_new_tokens": 256}, "qa": {"data": "triviaqa", "max_new_tokens": 48}}
+
+
+def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
+    from .methods import PRESETS
+
+    d = DEFAULTS[task]
+    p.add_argument("--data", default=d["data"],
+                   help=f"a built-in set or a JSONL file (default {d['data']}; see `agd eval --help`)")
+    p.add_argument("--method", action="append", default=None, metavar="NAME[,NAME...]",
+                   help=f"decoding method(s), comma-separated or repeated: {', '.join(PRESETS)}; NAME@ROI sets "
+                        "the ROI (e.g. agd@context) (default: greedy,agd)")
+    p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
+    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                   help=f"maximum tokens per response (default {d['max_new_tokens']})")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling methods, per item (default 0)")
+    p.add_argument("--roi", default=None, help="ROI of the AGD methods (default: rules: system; qa: context with "
+                                               "documents, else user)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any further generate() argument, e.g. --set k=3 --set cad_alpha=1.0 (recorded)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration file for the *-auto methods (default: the model's, from `agd calibrate`)")
+    p.add_argument("--out", default=None, help=f"output directory (default runs/{task}-DATA); one folder per method")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed input lines (reported and recorded) instead of refusing the file")
+    p.add_argument("--ray", action="store_true", help="shard the items over local Ray actors")
+    p.add_argument("--ray-address", default=None,
+                   help="shard over an existing Ray cluster (e.g. auto, ray://host:10001)")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="number of actors (default: GPUs, or CPUs / cores per worker)")
+    p.add_argument("--ray-cpus-per-worker", type=int, default=2, help="CPU cores per actor without GPUs (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is far faster on a CPU shared with other jobs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run, task=task)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_run(args) -> int:
+    from .methods import parse_set
+    from .runner import EvalSpec, run_eval
+
+    methods = [m.strip() for arg in (args.method or ["greedy,agd"]) for m in arg.split(",") if m.strip()]
+    out = Path(args.out or f"runs/{args.task}-{Path(args.data).stem}")
+    extra = parse_set(args.set)
+    specs = [EvalSpec(task=args.task, data=args.data, method=m, model=args.model, dtype=args.dtype, device=args.device,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit, roi=args.roi, extra=extra,
+                      on_error="skip" if args.skip_bad_lines else "fail", calibration=args.calibration)
+             for m in methods]
+    from .runner import prepare
+
+    # Refuse an unavailable method or a bad file before loading anything.
+    auto = any(prepare(spec)[1].get("entropy_threshold") == "auto" for spec in specs)
+    ray = None
+    if args.ray or args.ray_address:
+        ray = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": args.ray_cpus_per_worker}
+    _threads(args.threads)
+    model = tok = None
+    if ray is None:
+        from ..models import load_model
+
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+        if auto:  # a missing calibration stops the command before the first method runs, not after it
+            from ..calibrate import load_calibration
+
+            load_calibration(model, args.calibration)
+    try:
+        for spec in specs:
+            s = run_eval(spec, out, model, tok, ray=ray, progress=not args.no_progress)
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in s["metrics"].items() if v is not None)
+            err = f", {s['n_errors']} errors" if s["n_errors"] else ""
+            guided = s["trace"]["guided_fraction"] or 0
+            print(f"{spec.method}: n={s['n']}{err}: {metrics}; guided {guided:.2f} of steps")
+    except KeyboardInterrupt:
+        return 130
+    print(f"records in {out}/<method>/records.jsonl; compare with: agd eval report {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    print(build_report(args.run_dirs, args.out, plots=not args.no_plots))
+    print(f"(written to {Path(args.out or args.run_dirs[0]) / 'report.md'})", file=sys.stderr)
+    return 0
+
+
+def register_eval(sub) -> None:
+    from .datasets import BUILTIN
+
+    sets = ", ".join(f"{k} ({v[0]})" for k, v in BUILTIN.items())
+    p = sub.add_parser("eval", help="evaluate decoding methods: rule following, QA recall, reports",
+                       description=f"Evaluation harness. Built-in sets: {sets}. Runs are append-only JSONL, "
+                                   "resumable: run the same command again after a crash or Ctrl-C.")
+    s = p.add_subparsers(dest="eval_command", required=True)
+    _add_run_args(s.add_parser("rules", help="IFEval rules in the system message (prompt/instruction, strict/loose)"),
+                  "rules")
+    _add_run_args(s.add_parser("qa", help="answer recall, closed- or open-book"), "qa")
+    r = s.add_parser("report", help="tables and plots with bootstrap CIs and paired comparisons against greedy")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders containing them")
+    r.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first RUN_DIR)")
+    r.add_argument("--no-plots", action="store_true", help="tables only")
+    r.set_defaults(func=cmd_report)
+
+
+def _conversations(spec: str) -> tuple[list[list[dict]], dict]:
+    from .datasets import BUILTIN, load_items, qa_messages
+
+    if spec in BUILTIN:
+        s = load_items(spec, BUILTIN[spec][0])
+    else:
+        from .data import ItemFileError, read_items
+
+        try:
+            s = read_items(spec, "rules")
+        except ItemFileError:
+            s = read_items(spec, "qa")
+    convs = [it["messages"] if "messages" in it else qa_messages(it) for it in s.items]
+    return convs, {"name": s.name, "source": s.source, "sha256": s.sha256}
+
+
+def cmd_calibrate(args) -> int:
+    from ..calibrate import calibrate, plot_histogram, save_calibration
+    from ..models import load_model
+
+    _threads(args.threads)
+    convs, data = _conversations(args.data)
+    if args.limit:
+        convs = convs[:args.limit]
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    record, _ = calibrate(model, tok, convs, percentile=args.percentile, max_new_tokens=args.max_new_tokens,
+                          data=data, progress=not args.no_progress)
+    record["model"]["cli_name"] = args.model
+    path = save_calibration(record, args.out)
+    shown = {k: v for k, v in record.items() if k != "histogram"}
+    print(json.dumps(shown, indent=1))
+    paper = 100 * record["fraction_guided"]["paper_1.734"]
+    print(f"\n{record['percentile']:g}th percentile of {record['n_steps']} greedy-step entropies: "
+          f"{record['threshold']:.3f} nats (the paper's 1.734 would leave {paper:.0f} % of steps open to guidance "
+          f"here). Saved to {path}; entropy_threshold=\"auto\" now uses it for this model.")
+    if args.plot:
+        print(f"histogram: {plot_histogram(record, args.plot)}")
+    return 0
+
+
+def register_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="calibrate the entropy gate (entropy_threshold='auto') for a model",
+                       description="Greedy-decode a calibration set, record the entropy (nats) of every generated "
+                                   "step, and store the chosen percentile for this model in the user cache; "
+                                   "entropy_threshold='auto' (and --entropy-threshold auto) then uses it. "
+                                   "The paper's 1.734 is its 80th percentile on IHEval for its models.")
+    p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
+    p.add_argument("--data", default="rules", help="calibration set: a built-in set or a JSONL file (default: rules)")
+    p.add_argument("--percentile", type=float, default=80.0, help="percentile of the step entropies (default 80)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per item (default 128)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default=None, help="write the calibration here instead of the user cache")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the entropy histogram")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)

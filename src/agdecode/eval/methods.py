@@ -1,0 +1,154 @@
+"""Decoding methods selectable by name in ``agd eval``, each a preset of ``agdecode.generate`` arguments.
+
+A name may carry a ROI after ``@`` (``agd@context``, ``agd-gated@document:0``), and ``--set KEY=VALUE``
+adds any further ``generate`` argument (e.g. a baseline's strength), so every run records exactly
+what was decoded with. Methods that this version of ``generate`` does not offer yet (the baselines
+``cad``, ``dola``, ``steer``, ``sample``) are refused with a clear message before anything runs.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+__all__ = ["Method", "PRESETS", "MethodUnavailableError", "resolve_method", "available_methods"]
+
+from ..decoding import PAPER_ENTROPY_THRESHOLD as PAPER_TAU  # 1.734 nats, the paper's gate
+
+
+class MethodUnavailableError(ValueError):
+    """A method or setting that this version of agdecode does not offer."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named decoding setting: ``generate(method=..., **settings)``."""
+
+    name: str
+    method: str
+    settings: dict = field(default_factory=dict)
+    about: str = ""
+
+
+PRESETS: dict[str, Method] = {m.name: m for m in [
+    Method("greedy", "greedy", {}, "greedy decoding"),
+    Method("agd", "agd", {"attribution": "lrp"}, "AGD, AttnLRP, every step guided"),
+    Method("agd-gated", "agd", {"attribution": "lrp", "entropy_threshold": PAPER_TAU},
+           "AGD_e, AttnLRP, the paper's gate tau = 1.734 nats"),
+    Method("agd-gated-auto", "agd", {"attribution": "lrp", "entropy_threshold": "auto"},
+           "AGD_e, AttnLRP, the gate calibrated for this model (agd calibrate)"),
+    Method("agd-ixg", "agd", {"attribution": "ixg"}, "AGD, Input x Gradient"),
+    Method("agd-ixg-gated", "agd", {"attribution": "ixg", "entropy_threshold": PAPER_TAU},
+           "AGD_e, Input x Gradient, tau = 1.734"),
+    Method("agd-ixg-gated-auto", "agd", {"attribution": "ixg", "entropy_threshold": "auto"},
+           "AGD_e, Input x Gradient, calibrated gate"),
+    Method("cad", "cad", {}, "context-aware decoding (baseline)"),
+    Method("dola", "dola", {}, "DoLa (baseline)"),
+    Method("steer", "steer", {}, "activation steering (baseline)"),
+    Method("sample", "sample", {}, "sampling (baseline; per-item seed from --seed)"),
+]}
+
+
+def available_methods() -> list[str]:
+    """Preset names whose ``generate`` method exists in this version of agdecode.
+
+    Example:
+        >>> "greedy" in available_methods()
+        True
+    """
+    from ..decoding import METHODS
+
+    return [n for n, m in PRESETS.items() if m.method in METHODS]
+
+
+def _generate_params() -> set[str]:
+    import dataclasses
+
+    from ..decoding import AGDConfig, generate
+
+    named = {n for n, p in inspect.signature(generate).parameters.items() if p.kind != p.VAR_KEYWORD}
+    return named | {f.name for f in dataclasses.fields(AGDConfig)}  # **settings go to AGDConfig
+
+
+def resolve_method(name: str, roi: str | None = None, extra: dict | None = None, max_new_tokens: int = 128) -> dict:
+    """The ``generate`` keyword arguments of method ``name`` (``NAME`` or ``NAME@ROI``), checked up front.
+
+    ``roi`` is the task's default ROI (used by AGD presets unless the name gives one); ``extra``
+    holds ``--set`` overrides. Raises :class:`MethodUnavailableError` for anything this version
+    of ``generate`` lacks. An ``entropy_threshold`` of ``"auto"`` is resolved later, against the model.
+
+    Example:
+        >>> resolve_method("agd-gated@user", roi="system")
+        {'method': 'agd', 'max_new_tokens': 128, 'attribution': 'lrp', 'entropy_threshold': 1.734, 'roi': 'user'}
+    """
+    from ..decoding import METHODS
+
+    base, _, roi_override = name.partition("@")
+    if base not in PRESETS:
+        raise MethodUnavailableError(f"Unknown method {base!r}; choose from {', '.join(PRESETS)} "
+                                     "(optionally NAME@ROI, e.g. agd@context).")
+    preset = PRESETS[base]
+    if preset.method not in METHODS:
+        raise MethodUnavailableError(
+            f"Method {base!r} ({preset.about}) is not available in this version of agdecode: generate() offers "
+            f"method={list(METHODS)}. Available here: {', '.join(available_methods())}.")
+    kw = {"method": preset.method, "max_new_tokens": max_new_tokens, **preset.settings}
+    if preset.method == "agd" and (roi_override or roi):
+        kw["roi"] = roi_override or roi
+    elif roi_override:
+        kw["roi"] = roi_override
+    kw.update(extra or {})
+    params = _generate_params()
+    missing = sorted(k for k in kw if k not in params)
+    if missing:
+        raise MethodUnavailableError(f"generate() in this version of agdecode has no argument(s) {missing} "
+                                     f"(needed by method {name!r}).")
+    if "roi" in kw:
+        _check_roi(kw["roi"])
+    return kw
+
+
+def _check_roi(spec) -> None:
+    """Check what can be checked without a prompt: every term of a ROI expression is known here."""
+    from .. import roi as roi_mod
+    from ..decoding import generate
+
+    for r in spec if isinstance(spec, (list, tuple)) else [spec]:
+        if not isinstance(r, str):
+            roi_mod.ROI.parse(r)
+            continue
+        splitter = getattr(roi_mod, "_OPERATOR", None)
+        for term in (splitter.split(r)[0::2] if splitter else [r]):
+            term = term.strip().lstrip("+-").strip()
+            if term == "context" or term.startswith("document:"):
+                if "documents" not in inspect.signature(generate).parameters:
+                    raise MethodUnavailableError(f"ROI {term!r} needs generate(documents=...), which this "
+                                                 "version of agdecode lacks.")
+            elif term.startswith("heads:"):
+                if not hasattr(roi_mod, "resolve_region"):
+                    raise MethodUnavailableError(f"ROI {term!r}: head ROIs are not available in this version.")
+            else:
+                try:
+                    roi_mod.ROI.parse(term)
+                except roi_mod.ROIError as e:
+                    raise MethodUnavailableError(str(e)) from e
+
+
+def parse_set(pairs: list[str] | None) -> dict:
+    """``["k=3", "roi=user"]`` -> ``{"k": 3, "roi": "user"}`` (values read as JSON where they parse).
+
+    Example:
+        >>> parse_set(["k=3", "engine=reverse"])
+        {'k': 3, 'engine': 'reverse'}
+    """
+    import json
+
+    out = {}
+    for p in pairs or []:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {p!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -1,0 +1,96 @@
+"""Sharding an evaluation over Ray actors: one per GPU, or one per N CPU cores.
+
+Each actor loads the model once and evaluates the items it is handed (the same ``evaluate_item`` as
+a local run); the driver writes every record as it arrives, through the same append-only store, so
+the output, the resumption and the summary are those of a local run (only the line order differs).
+
+Example:
+    >>> spec = EvalSpec("rules", "rules", "agd", model="/models/Qwen2.5-7B-Instruct", dtype="bfloat16")
+    >>> run_eval(spec, "runs/rules", ray={"address": "auto"})        # an existing cluster
+    >>> run_eval(spec, "runs/rules", ray={"workers": 2, "cpus_per_worker": 1})   # a local one
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+__all__ = ["RayPool"]
+
+
+class _Worker:
+    """Lives in a Ray actor: one model, many items."""
+
+    def __init__(self, spec_dict: dict, device: str, threads: int | None):
+        import torch
+
+        from ..models import load_model
+        from .runner import EvalSpec
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = EvalSpec(**spec_dict)
+        self.model, self.tok = load_model(self.spec.model, dtype=self.spec.dtype, device=device)
+
+    def resolve(self, gen: dict, calibration: str | None) -> tuple[dict, dict]:
+        from .runner import resolve_for_model
+
+        return resolve_for_model(self.model, gen, calibration)
+
+    def evaluate(self, item: dict, gen: dict) -> dict:
+        from .runner import evaluate_item
+
+        rec = evaluate_item(self.model, self.tok, self.spec.task, item, gen, self.spec.seed)
+        rec["worker"] = os.getpid()
+        return rec
+
+
+class RayPool:
+    """Ray actors evaluating items for one :class:`~agdecode.eval.runner.EvalSpec`.
+
+    ``address`` None starts a local Ray instance (``num_cpus`` cores, default all); otherwise it is
+    passed to ``ray.init`` (``"auto"`` or ``"ray://host:10001"``). ``workers`` defaults to the
+    cluster's GPU count, or its CPU count divided by ``cpus_per_worker``.
+    """
+
+    def __init__(self, spec, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 2,
+                 num_cpus: int | None = None):
+        try:
+            import ray
+        except ImportError as e:
+            raise ImportError("--ray needs the ray package: pip install ray") from e
+        from dataclasses import asdict
+
+        self.ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            kw = {"address": address} if address else {"num_cpus": num_cpus}
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        if gpus and spec.device == "cpu":
+            spec.device = "cuda"  # a GPU cluster: one actor per GPU
+        use_gpu = spec.device.startswith("cuda")
+        n = workers or (gpus if use_gpu else max(1, int(res.get("CPU", 1)) // cpus_per_worker))
+        opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}
+        actor = ray.remote(**opts)(_Worker)
+        self.calibration = spec.calibration
+        self.actors = [actor.remote(asdict(spec), "cuda" if use_gpu else spec.device,
+                                    None if use_gpu else cpus_per_worker) for _ in range(n)]
+
+    def resolve(self, gen: dict) -> tuple[dict, dict]:
+        """Model identity and model-dependent settings, as one worker sees them."""
+        return self.ray.get(self.actors[0].resolve.remote(gen, self.calibration))
+
+    def records(self, items: list[dict], gen: dict) -> Iterator[dict]:
+        """Records of ``items``, in the order they finish."""
+        from ray.util import ActorPool
+
+        call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
+        pool = ActorPool(self.actors)
+        yield from pool.map_unordered(lambda a, it: a.evaluate.remote(it, call), items)
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self._started:
+            self.ray.shutdown()

@@ -1,0 +1,138 @@
+"""A run directory: its settings (``run.json``) and its append-only records (``records.jsonl``).
+
+Each finished item is one JSON line, written with a single ``write`` and flushed to disk before the
+next item starts, so a crash or Ctrl-C loses at most the item in progress. On resume a torn last
+line (a kill in the middle of a write) is cut off, the ids already present are skipped, and a
+run directory made with other settings is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RunStore", "RunMismatchError", "summarize", "item_values", "METRICS"]
+
+# Per task: metric name -> how to read (numerator, denominator) from a record's scores.
+METRICS = {
+    "rules": ["prompt_strict", "prompt_loose", "inst_strict", "inst_loose"],
+    "qa": ["recall", "recall_word"],
+}
+QUALITY = ["logprob", "repeat4", "words", "tokens"]
+
+
+class RunMismatchError(ValueError):
+    """The run directory holds a run with other settings."""
+
+
+class RunStore:
+    """The files of one run (one task, data set, method and model).
+
+    Example:
+        >>> store = RunStore("runs/rules/greedy")
+        >>> done = store.open({"task": "rules", ...}, info={...})
+        >>> store.append({"id": "rules-000", ...})
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.run_file = self.path / "run.json"
+        self.records_file = self.path / "records.jsonl"
+
+    def open(self, settings: dict, info: dict | None = None) -> set[str]:
+        """Create the run, or check that it has the same ``settings``; return the ids already done."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.run_file.is_file():
+            old = json.loads(self.run_file.read_text())["settings"]
+            if old != settings:
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise RunMismatchError(
+                    f"{self.path} holds a run with other settings (differences: {', '.join(diff)}); "
+                    "use another --out, or delete that directory to start over.")
+        else:
+            tmp = self.run_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"settings": settings, "info": info or {}}, indent=1, default=str))
+            tmp.replace(self.run_file)
+        self._repair_tail()
+        return {r["id"] for r in self.records()}
+
+    def _repair_tail(self) -> None:
+        if not self.records_file.is_file():
+            return
+        data = self.records_file.read_bytes()
+        good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        if good < len(data):
+            print(f"note: {self.records_file}: dropped an incomplete last line ({len(data) - good} bytes) "
+                  "from an interrupted write; that item runs again.", file=sys.stderr)
+            with open(self.records_file, "r+b") as f:
+                f.truncate(good)
+
+    def append(self, record: dict) -> None:
+        """Append one record durably (one write, flushed and fsync'ed)."""
+        line = json.dumps(record, ensure_ascii=False, default=float) + "\n"
+        with open(self.records_file, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict]:
+        """The records, first occurrence of each id only."""
+        if not self.records_file.is_file():
+            return []
+        out, seen = [], set()
+        for line in self.records_file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r["id"] not in seen:
+                    seen.add(r["id"])
+                    out.append(r)
+        return out
+
+    def settings(self) -> dict:
+        return json.loads(self.run_file.read_text())["settings"]
+
+
+def item_values(record: dict, metric: str) -> tuple[float, float]:
+    """(numerator, denominator) of ``metric`` for one record: instruction-level rule metrics weigh each
+    instruction, everything else each item.
+
+    Example:
+        >>> item_values({"scores": {"inst_strict": [True, False]}}, "inst_strict")
+        (1.0, 2.0)
+    """
+    v = record["scores"][metric]
+    if isinstance(v, list):
+        return float(sum(v)), float(len(v))
+    return float(v), 1.0
+
+
+def summarize(records: list[dict], task: str) -> dict:
+    """The summary of a run: accuracy metrics, quality proxies, trace statistics (deterministic), and
+    timings (kept apart, since they differ between otherwise identical runs).
+
+    Example:
+        >>> summarize(store.records(), "qa")["metrics"]["recall"]
+        0.42
+    """
+    ok = [r for r in records if not r.get("error")]
+    metrics = {}
+    for m in METRICS[task]:
+        num, den = np.array([item_values(r, m) for r in ok]).reshape(-1, 2).sum(axis=0)
+        metrics[m] = float(num / den) if den else None
+    quality = {}
+    for q in QUALITY:
+        vals = [r["quality"][q] for r in ok if r["quality"].get(q) is not None]
+        quality[q] = float(np.mean(vals)) if vals else None
+    steps = sum(r["trace"]["steps"] for r in ok)
+    trace = {"steps": steps,
+             "guided_fraction": sum(r["trace"]["guided"] for r in ok) / steps if steps else None,
+             "overrides_per_item": float(np.mean([r["trace"]["overrides"] for r in ok])) if ok else None,
+             "gated_fraction": sum(r["trace"]["gated"] for r in ok) / steps if steps else None}
+    timing = {"generate_s_mean": float(np.mean([r["timing"]["generate_s"] for r in ok])) if ok else None,
+              "generate_s_total": float(sum(r["timing"]["generate_s"] for r in ok))}
+    return {"task": task, "n": len(ok), "n_errors": len(records) - len(ok),
+            "scorer_errors": sum(bool(r["scores"].get("errors")) for r in ok),
+            "metrics": metrics, "quality": quality, "trace": trace, "timing": timing}

@@ -1,0 +1,60 @@
+"""``agd eval report``: bootstrap CIs, paired comparisons against greedy, markdown and PNG (synthetic runs)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agdecode.cli import main
+from agdecode.eval.records import RunStore
+from agdecode.eval.report import bootstrap_ci, build_report, paired_vs, sign_test
+
+
+def _store(root, method, correct, task="rules"):
+    store = RunStore(root / method)
+    model = {"model_type": "llama", "name_or_path": "/m/tiny", "fingerprint": "ab" * 32}
+    settings = {"task": task, "data": {"name": "toy", "sha256": "x"}, "method": method,
+                "generate": {"method": method.split("-")[0]}, "model": model, "dtype": "float32", "seed": 0}
+    store.open(settings)
+    for i, ok in enumerate(correct):
+        scores = ({"prompt_strict": ok, "prompt_loose": ok, "inst_strict": [ok, True], "inst_loose": [ok, True]}
+                  if task == "rules" else {"recall": ok, "recall_word": ok})
+        store.append({"id": f"i{i}", "response": "r", "scores": scores,
+                      "quality": {"logprob": -1.0, "repeat4": 0.0, "words": 10, "tokens": 12},
+                      "trace": {"steps": 12, "guided": 3, "overrides": 1, "gated": 0}, "timing": {"generate_s": 0.5}})
+    return store
+
+
+def test_statistics():
+    v, lo, hi = bootstrap_ci(np.array([1.0] * 30 + [0.0] * 70), np.ones(100))
+    assert v == 0.3 and 0.2 < lo < 0.3 < hi < 0.4
+    assert bootstrap_ci(np.array([3.0, 1.0]), np.array([4.0, 2.0]))[0] == pytest.approx(4 / 6)  # ratio of sums
+    assert sign_test(9, 1) == pytest.approx(0.021484375) and sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+
+
+def test_paired_comparison_uses_common_items(tmp_path):
+    g = {"records": [{"id": f"i{i}", "scores": {"recall": i < 5}} for i in range(10)]}
+    a = {"records": [{"id": f"i{i}", "scores": {"recall": i < 8}} for i in range(12)]}
+    p = paired_vs(a, g, "recall")
+    assert p["n"] == 10 and p["delta"] == pytest.approx(0.3) and (p["wins"], p["losses"]) == (3, 0)
+    assert p["lo"] <= 0.3 <= p["hi"]
+
+
+def test_report_tables_and_plots(tmp_path):
+    _store(tmp_path / "runs", "greedy", [i % 2 == 0 for i in range(40)])
+    _store(tmp_path / "runs", "agd", [i % 4 != 3 for i in range(40)])
+    _store(tmp_path / "runs" / "qa", "greedy", [i < 10 for i in range(20)], task="qa")
+    text = build_report([tmp_path / "runs"], tmp_path / "rep")
+    assert "## rules / toy" in text and "## qa / toy" in text
+    rules = text[text.index("## rules"):]
+    assert "| greedy | 40 | 0.500 [" in rules and "(baseline)" in rules
+    assert "| agd | 40 | 0.750 [" in rules and "+0.250 [" in rules and "10/0" in rules
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert len(pngs) == 2 and all((tmp_path / "rep" / p).stat().st_size > 5000 for p in pngs)
+    assert (tmp_path / "rep" / "report.md").read_text() == text
+
+
+def test_report_cli(tmp_path, capsys):
+    _store(tmp_path, "greedy", [True, False])
+    assert main(["eval", "report", str(tmp_path), "--no-plots"]) == 0
+    assert "| greedy | 2 |" in capsys.readouterr().out
+    assert main(["eval", "report", str(tmp_path / "missing")]) == 2
