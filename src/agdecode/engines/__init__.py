@@ -1,8 +1,9 @@
 """Attribution engines: how ROI scores are computed. The decoding loop only sees this protocol.
 
-An engine follows one sequence as it grows. ``prefill`` and ``step`` return the next-token logits;
+An engine follows one sequence as it grows, inside a ``with engine:`` block (the forward engines
+hold module overrides for its duration). ``prefill`` and ``step`` return the next-token logits;
 ``roi_scores`` returns, for the current position, the signed ROI relevance of each candidate's
-pre-softmax logit. Two engines implement it:
+pre-softmax logit. Three engines implement it:
 
 - :class:`~agdecode.engines.reverse.ReverseEngine`: one forward with gradients over the whole
   sequence, then one batched backward for the candidates (the paper's method; the oracle; gives
@@ -30,6 +31,10 @@ ATTRIBUTIONS = ("lrp", "ixg")
 
 class AttributionEngine(Protocol):
     """What the decoding loop needs from an attribution method."""
+
+    def __enter__(self) -> "AttributionEngine": ...
+
+    def __exit__(self, *exc) -> None: ...
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Start on a prompt ``(1, T)``; return next-token logits ``(V,)``."""
@@ -74,9 +79,9 @@ def _engines():
 ENGINES = tuple(_engines())
 
 
-def make_engine(name: str, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
+def make_engine(name: str, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
                 head_weights: torch.Tensor | None = None) -> AttributionEngine:
-    """Build engine ``name`` for ``model`` scoring R ROIs: token weights ``roi_masks`` ``(R, T_prompt)``
+    """Build engine ``name`` for ``model`` scoring R ROIs: token weights ``(R, T_prompt)``
     (a boolean mask or signed weights) and optionally head weights ``(R, layers, heads)``.
 
     Example:
@@ -88,4 +93,4 @@ def make_engine(name: str, model: nn.Module, roi_masks: torch.Tensor, attributio
         raise ValueError(f"engine must be one of {tuple(engines)}, got {name!r}")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
-    return engines[name](model, roi_masks, attribution, head_weights)
+    return engines[name](model, token_weights, attribution, head_weights)

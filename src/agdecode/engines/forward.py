@@ -166,10 +166,10 @@ class ForwardEngine:
         ...     logits = eng.step(int(logits.argmax()))
     """
 
-    def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
+    def __init__(self, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
                  head_weights: torch.Tensor | None = None, prefill_chunk: int | None = None):
         self.model, self.attribution = model, attribution
-        self.token_weights = roi_masks.float()  # (R, T_prompt)
+        self.token_weights = token_weights.float()  # (R, T_prompt)
         self.head_weights = head_weights        # (R, L, H) or None
         self.device = next(model.parameters()).device
         # Small chunks skip most of the causally masked score blocks (measured on CPU: 128 is

@@ -38,12 +38,12 @@ class ForwardADEngine:
         ...     logits = eng.step(int(logits.argmax()))
     """
 
-    def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
+    def __init__(self, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
                  head_weights: torch.Tensor | None = None, prefill_chunk: int = 512):
         if head_weights is not None:
             raise ValueError("engine 'forward-ad' attributes to tokens only; use 'forward' or 'reverse' for heads")
         self.model, self.attribution = model, attribution
-        self.roi_masks = roi_masks.float()
+        self.token_weights = token_weights.float()
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.cache = None
@@ -74,10 +74,10 @@ class ForwardADEngine:
         return logits[0, -1]
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n_roi, t = self.roi_masks.shape
+        n_roi, t = self.token_weights.shape
         ids = input_ids.to(self.device)
         x = self.model.get_input_embeddings()(ids).expand(n_roi, -1, -1)       # (R, T, D)
-        tangent = x * self.roi_masks.to(self.device, x.dtype)[..., None]
+        tangent = x * self.token_weights.to(self.device, x.dtype)[..., None]
         self.cache = None
         # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
         for start in range(0, ids.shape[1], self.prefill_chunk):
@@ -87,7 +87,7 @@ class ForwardADEngine:
         return logits
 
     def step(self, token_id: int) -> torch.Tensor:
-        ids = torch.full((self.roi_masks.shape[0], 1), token_id, device=self.device)
+        ids = torch.full((self.token_weights.shape[0], 1), token_id, device=self.device)
         return self._run(input_ids=ids)  # generated tokens are outside the ROI: zero tangent
 
     def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:

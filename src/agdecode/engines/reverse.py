@@ -103,11 +103,11 @@ class ReverseEngine(CachedForward):
         >>> eng.last_relevance.shape                 # (2, T)
     """
 
-    def __init__(self, model: nn.Module, roi_masks: torch.Tensor, attribution: str = "lrp",
+    def __init__(self, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
                  head_weights: torch.Tensor | None = None):
         super().__init__(model)
         self.attribution = attribution
-        self.token_weights = roi_masks.float()          # (R, T_prompt)
+        self.token_weights = token_weights.float()          # (R, T_prompt)
         self.head_weights = head_weights                # (R, L, H) or None
         self.last_relevance: torch.Tensor | None = None
 
