@@ -7,6 +7,7 @@ user cache dir, after which loading takes well under a second.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -134,6 +135,12 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    # Looked up once per class: this sits on the per-token path.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def forward_cached(model: nn.Module, cache, **kwargs):
     """Call ``model`` with a KV cache on any supported transformers version; return (output, cache).
 
@@ -143,7 +150,6 @@ def forward_cached(model: nn.Module, cache, **kwargs):
     Example:
         >>> out, cache = forward_cached(model, None, input_ids=ids, use_cache=True)
     """
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(**{key: cache}, use_cache=True, **kwargs)
+    out = model(**{_cache_kwarg(type(model)): cache}, use_cache=True, **kwargs)
     new = getattr(out, "cache", None)
     return out, (new if new is not None else out.past_key_values)
