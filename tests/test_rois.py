@@ -141,3 +141,13 @@ def test_generate_ids_without_tokenizer_and_min_new_tokens(tiny):
         model.generation_config.eos_token_id = None
     assert len(out.token_ids) == 5 and out.token_ids[0] == int(logits.argmax())
     assert out.roi_positions == {"roi": list(range(8))} and out.tokens == [""] * 5
+
+
+def test_generate_ids_greedy_without_a_source(tiny):
+    from agdecode import AGDConfig
+    from agdecode.decoding import generate_ids
+
+    arch, model, tok = tiny
+    ids = torch.randint(10, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    out = generate_ids(model, ids, {}, AGDConfig(method="greedy", max_new_tokens=3, min_new_tokens=3))
+    assert out.token_ids[0] == int(model(ids).logits[0, -1].argmax())

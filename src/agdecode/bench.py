@@ -77,8 +77,8 @@ def _worker(args) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         if args.mode == "greedy":
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-                                     pad_token_id=0)
+                model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                               pad_token_id=0)
             guided = 0
         else:
             cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[args.mode])

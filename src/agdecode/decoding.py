@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from .baselines import BASELINES, describe_vector, make_source, validate_settings
 from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
+from .engines.reverse import CachedForward
 from .roi import ROI, Prompt, Region, render_prompt, resolve_region
 from .trace import Candidate, GenerationResult, Step
 
