@@ -258,7 +258,7 @@ def test_baseline_trace_round_trips(llama, messages, tmp_path):
     (dict(method="steer", steer_vector=torch.zeros(32)), SteeringVectorMismatch, "hidden size is 64"),
     (dict(method="steer"), ValueError, "method='steer' needs steer_vector"),
     (dict(method="steer", steer_vector="/no/such/vector.safetensors"), FileNotFoundError, "agd steer fit"),
-    (dict(method="greedy", repetition_penalty=1.2), ValueError, "repetition_penalty is only used by method='dola'"),
+    (dict(method="greedy", steer_layer=1), ValueError, "steer_layer is only used by method='steer'"),
     (dict(method="sample", temperature=0), ValueError, "temperature must be a number > 0"),
     (dict(method="sample", top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
 ])

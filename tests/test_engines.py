@@ -7,6 +7,8 @@ import torch.autograd.forward_ad as fwAD
 
 from agdecode import generate, render_prompt, resolve_roi
 from agdecode.engines import make_engine
+from agdecode.engines.forward import ForwardEngine
+from agdecode.sources import Row
 from agdecode.rules import identity_rule, uniform_rule
 
 PROMPTS = [
@@ -23,12 +25,12 @@ def _scores_along_greedy(model, tok, messages, engine, attribution, steps=4, k=5
     prompt = render_prompt(tok, messages)
     masks = torch.stack([resolve_roi(r, prompt) for r in rois])
     out = []
-    with make_engine(engine, model, masks, attribution) as eng:
-        logits = eng.prefill(prompt.input_ids)
+    with make_engine(engine, model, len(rois), attribution) as eng:
+        logits = eng.prefill([Row(prompt.input_ids[0], masks)])
         for _ in range(steps):
-            top = logits.topk(k).indices
-            out.append(eng.roi_scores(top).float())
-            logits = eng.step(int(top[0]))
+            top = logits.topk(k).indices                                 # (1, k)
+            out.append(eng.scores(top, torch.tensor([0]))[0].float())
+            logits = eng.step(top[:, 0])
     return torch.stack(out)  # (steps, n_roi, k)
 
 
@@ -59,11 +61,9 @@ def test_forward_engine_prefill_chunks_do_not_change_scores(tiny, messages):
     mask = resolve_roi("system", prompt)[None]
     res = []
     for chunk in (4, 512):
-        eng = make_engine("forward", model, mask, "lrp")
-        eng.prefill_chunk = chunk
-        with eng:
-            logits = eng.prefill(prompt.input_ids)
-            res.append((logits, eng.scores.clone()))
+        with ForwardEngine(model, 1, "lrp", prefill_chunk=chunk) as eng:
+            logits = eng.prefill([Row(prompt.input_ids[0], mask)])
+            res.append((logits, eng.last_scores.clone()))
     torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-4, atol=1e-5)
 

@@ -69,7 +69,7 @@ def test_messages_for_a_model_without_chat_template(llama, messages):
 def test_malformed_messages(llama):
     with pytest.raises(ROIError, match="message 0 must be a dict"):
         generate(*llama, [{"content": "no role"}], max_new_tokens=1)
-    with pytest.raises(ROIError, match="non-empty list"):
+    with pytest.raises(ValueError, match="conversations is empty"):
         generate(*llama, [], max_new_tokens=1)
 
 

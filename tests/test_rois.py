@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from agdecode import ROIError, render_prompt
 from agdecode.engines import make_engine
+from agdecode.sources import Row
 from agdecode.engines.reverse import attribute
 from agdecode.heads import head_mask
 from agdecode.roi import resolve_region
@@ -35,12 +36,12 @@ def _scores(model, tok, spec, engine, steps=3, k=5, attribution="lrp"):
     region = resolve_region(spec, prompt, model)
     heads = None if region.heads is None else region.heads[None]
     out = []
-    with make_engine(engine, model, region.tokens[None], attribution, heads) as eng:
-        logits = eng.prefill(prompt.input_ids)
+    with make_engine(engine, model, 1, attribution, heads is not None) as eng:
+        logits = eng.prefill([Row(prompt.input_ids[0], region.tokens[None], heads)])
         for _ in range(steps):
-            top = logits.topk(k).indices
-            out.append(eng.roi_scores(top)[0].float())
-            logits = eng.step(int(top[0]))
+            top = logits.topk(k).indices                                 # (1, k)
+            out.append(eng.scores(top, torch.tensor([0]))[0, 0].float())
+            logits = eng.step(top[:, 0])
     return torch.stack(out)
 
 
@@ -63,9 +64,10 @@ def test_context_score_is_the_relevance_map_summed_over_the_documents(tiny):
     doc_mask = torch.zeros(len(prompt), dtype=torch.bool)
     for a, b in prompt.document_spans:
         doc_mask |= prompt.tokens_in_chars(a, b)
-    with make_engine("reverse", model, resolve_region("context", prompt).tokens[None]) as eng:
-        eng.prefill(prompt.input_ids)
-        torch.testing.assert_close(eng.roi_scores(cands)[0], rel[:, doc_mask].sum(-1), rtol=1e-5, atol=1e-6)
+    with make_engine("reverse", model) as eng:
+        eng.prefill([Row(prompt.input_ids[0], resolve_region("context", prompt).tokens[None])])
+        scores = eng.scores(cands[None], torch.tensor([0]))[0, 0]
+        torch.testing.assert_close(scores, rel[:, doc_mask].sum(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_document_spans_and_roles(tokenizer):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .rules import identity_rule, stop_gradient, uniform_rule
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter", "attnlrp", "UnsupportedArchitectureError"]
+__all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "UnsupportedArchitectureError"]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -45,8 +45,11 @@ class Adapter:
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         """The decoder layers, in order (each has ``self_attn.o_proj``)."""
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        return list(inner.layers)
+        return decoder_layers(model)
+
+    def attention_output(self, layer: nn.Module) -> nn.Module:
+        """The attention output projection of a decoder layer (its input holds the heads' outputs)."""
+        return layer.self_attn.o_proj
 
     def head_shape(self, model: nn.Module) -> tuple[int, int]:
         """(number of layers, attention heads per layer)."""
@@ -61,6 +64,18 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma3_text": Adapter("gemma3", "gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP", "gemma"),
     "gemma3": Adapter("gemma3", "gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP", "gemma"),
 }
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of any Hugging Face decoder-only model, in order."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return list(inner.layers)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm before the LM head (DoLa's early exits go through it)."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return inner.norm
 
 
 def get_adapter(model: nn.Module) -> Adapter:

@@ -1,14 +1,15 @@
 """The baselines AGD is measured against, as logits sources behind one small protocol.
 
-Each baseline follows one sequence as it grows, like :class:`~agdecode.engines.reverse.CachedForward`:
-``prefill(input_ids)`` and ``step(token_id)`` return the method's next-token scores ``(V,)``, which
-the decoding loop takes the argmax of (or samples, for ``sample``); ``info()`` says what the method
-computed at the current step (stored in the trace), ``describe()`` its fixed settings.
+Each baseline is a :class:`~agdecode.sources.Source` over a batch of sequences, like the attribution
+engines: ``prefill(rows)`` and ``step(token_ids)`` return the method's next-token scores ``(B, V)``,
+which the decoding loop takes the argmax of (or samples, for ``sample``); ``info(i)`` says what the
+method computed for sequence ``i`` at the current step (stored in the trace), ``describe()`` its
+fixed settings.
 
 ==========  ==========================================================================  =========================
 method      next-token scores                                                           module
 ==========  ==========================================================================  =========================
-``greedy``  the model's logits                                                          ``engines.reverse``
+``greedy``  the model's logits                                                          ``sources``         
 ``sample``  the model's logits, temperature + top-p, sampled with a seeded generator    :mod:`.sampling`
 ``cad``     ``(1 + alpha) * logits(full prompt) - alpha * logits(prompt without ROI)``  :mod:`.cad`
 ``dola``    ``log p_final - log p_premature`` over the final layer's relative top       :mod:`.dola`
@@ -20,39 +21,24 @@ from __future__ import annotations
 import math
 from numbers import Real
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..engines.reverse import CachedForward
-from ..roi import Prompt
+from ..errors import AgdError
 
-__all__ = ["BASELINES", "BaselineError", "LogitsSource", "make_source", "validate_settings",
+from ..roi import Prompt
+from ..sources import CachedForward, Row, Source
+
+__all__ = ["BASELINES", "BaselineError", "make_source", "baseline_row", "validate_settings",
            "DOLA_REPETITION_PENALTY"]
 
 BASELINES = ("cad", "dola", "steer", "sample")
 DOLA_REPETITION_PENALTY = 1.2  # what the DoLa authors recommend (and HF used) with DoLa
 
 
-class BaselineError(ValueError):
+class BaselineError(AgdError):
     """A baseline setting that does not fit the model (a layer out of range, a vector for another model)."""
-
-
-class LogitsSource(Protocol):
-    """What the decoding loop needs from a baseline."""
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Start on a prompt ``(1, T)``; return next-token scores ``(V,)``."""
-
-    def step(self, token_id: int) -> torch.Tensor:
-        """Append one token; return the next-token scores ``(V,)``."""
-
-    def info(self) -> dict:
-        """What the method computed for the current scores (JSON-serialisable)."""
-
-    def describe(self) -> dict:
-        """The method's settings as resolved for this model (JSON-serialisable)."""
 
 
 def _number(x) -> bool:
@@ -65,7 +51,7 @@ def _int(x) -> bool:
 
 # Settings that only one method reads: passing them with another method is almost certainly a
 # mistake (e.g. --steer-vector without --method steer) that would otherwise go unnoticed.
-_ONLY_FOR = {"repetition_penalty": "dola", "steer_vector": "steer", "steer_layer": "steer"}
+_ONLY_FOR = {"steer_vector": "steer", "steer_layer": "steer"}
 
 
 def validate_settings(cfg) -> None:
@@ -111,32 +97,41 @@ def describe_vector(spec) -> str | None:
     return repr(spec)
 
 
-def make_source(config, model: nn.Module, tokenizer, prompt: Prompt, messages: list[dict] | None = None,
-                documents: list[dict] | None = None) -> LogitsSource | CachedForward:
-    """The logits source for ``config.method`` (any method but ``agd``) on ``prompt``.
-
-    ``messages`` and ``documents`` are what ``prompt`` was rendered from; CAD needs them to render
-    the prompt without a ``"context"``/``"document:N"`` ROI (without them it drops the ROI's tokens).
+def make_source(config, model: nn.Module) -> Source:
+    """The logits source for ``config.method`` (any method but ``agd``), for a batch of sequences.
 
     Example:
-        >>> src = make_source(AGDConfig(method="dola"), model, tok, render_prompt(tok, messages))
-        >>> scores = src.prefill(prompt.input_ids); src.info()["premature_layer"]
+        >>> with make_source(AGDConfig(method="dola"), model) as src:
+        ...     scores = src.prefill([Row(prompt.input_ids[0])]); src.info(0)["premature_layer"]
     """
     method = config.method
     if method in ("greedy", "sample"):
         return CachedForward(model)
     if method == "cad":
-        from .cad import CADSource, context_free_prompt
+        from .cad import CADSource
 
-        negative = context_free_prompt(tokenizer, prompt, config.roi_list()[0], messages, documents)
-        return CADSource(model, negative, config.cad_alpha)
+        return CADSource(model, config.cad_alpha)
     if method == "dola":
         from .dola import DoLaSource
 
-        penalty = DOLA_REPETITION_PENALTY if config.repetition_penalty is None else config.repetition_penalty
-        return DoLaSource(model, config.dola_layers, penalty)
+        return DoLaSource(model, config.dola_layers)
     if method == "steer":
         from .steering import SteeringSource, as_steering_vector
 
         return SteeringSource(model, as_steering_vector(config.steer_vector), config.steer_layer, config.steer_weight)
     raise ValueError(f"no logits source for method {method!r}")
+
+
+def baseline_row(config, tokenizer, prompt: Prompt, messages: list[dict] | None = None,
+                 documents: list[dict] | None = None) -> Row:
+    """What a baseline needs of one conversation: its prompt ids and, for CAD, the prompt without the ROI.
+
+    ``messages`` and ``documents`` are what ``prompt`` was rendered from; CAD needs them to render
+    the prompt without a ``"context"``/``"document:N"`` ROI (without them it drops the ROI's tokens).
+    """
+    negative = None
+    if config.method == "cad":
+        from .cad import context_free_prompt
+
+        negative = context_free_prompt(tokenizer, prompt, config.roi_list()[0], messages, documents)[0]
+    return Row(prompt.input_ids[0], negative_ids=negative)

@@ -4,20 +4,13 @@
 
 For instruction following the ROI is the instruction (the system message), for open-book QA the
 documents. This is classifier-free guidance with ``guidance_scale = 1 + alpha`` and the prompt
-without the ROI as the negative prompt, which transformers implements as
-``UnbatchedClassifierFreeGuidanceLogitsProcessor``; this module runs that processor next to the
-plain cached forward of the full prompt rather than a second hand-written loop.
-
-What was checked about the processor (transformers 5.24): it combines *log-softmaxes*,
-``(1 + alpha) * log p_full - alpha * log p_free``, not raw logits. Per distribution the two differ
-by a constant, so the softmax and the argmax are identical to CAD's raw-logit formula
-(``tests/test_baselines.py`` checks against two plain forwards in raw-logit form). With
-``alpha = 0`` it returns ``log_softmax(logits)`` without running the negative branch, so greedy is
-reproduced exactly. It calls the model outside any ``no_grad`` of its own, so it must run under
-``torch.no_grad()`` (as ``model.generate`` does), else it builds an autograd graph every step. Its
-first pass over the negative prompt computes logits for every position (no ``logits_to_keep``):
-an extra ``T x V`` float tensor once per generation, noticeable only for long documents and
-large vocabularies.
+without the ROI as the negative prompt (transformers' ``UnbatchedClassifierFreeGuidanceLogitsProcessor``
+computes the same for one sequence). Here the negative prompt rides in the same batch as the full
+one: each sequence owns two cache rows, so a batch of conversations runs CAD in one forward per
+token. The combination is of *log-softmaxes*, ``(1 + alpha) * log p_full - alpha * log p_free``, as
+in HF's processor; per distribution it differs from CAD's raw-logit formula by a constant, so the
+softmax and the argmax are identical (``tests/test_baselines.py`` checks against two plain
+forwards in raw-logit form). With ``alpha = 0`` it is ``log_softmax(logits)``: greedy exactly.
 """
 from __future__ import annotations
 
@@ -26,9 +19,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-from ..engines.reverse import CachedForward
+from ..sources import CachedForward, Row
 from ..roi import ROI, Prompt, ROIError, render_prompt, resolve_region, resolve_roi
 
 __all__ = ["CADSource", "context_free_prompt"]
@@ -81,51 +73,40 @@ def context_free_prompt(tokenizer, prompt: Prompt, roi: "str | ROI", messages: l
     return ids
 
 
-class _CFG(UnbatchedClassifierFreeGuidanceLogitsProcessor):
-    """The HF processor, keeping the negative branch's last logits for the trace."""
-
-    last: torch.Tensor | None = None
-
-    def get_unconditional_logits(self, input_ids):
-        self.last = super().get_unconditional_logits(input_ids)
-        return self.last
-
-
 class CADSource(CachedForward):
-    """Next-token CAD scores: the full prompt's cached forward, contrasted by HF's CFG processor.
+    """Next-token CAD scores for a batch: each sequence owns two cache rows, the full prompt and the
+    prompt without its ROI (``Row.negative_ids``); both receive every generated token.
 
     Example:
-        >>> src = CADSource(model, context_free_prompt(tok, prompt, "system"), alpha=0.5)
-        >>> scores = src.prefill(prompt.input_ids); src.info()
+        >>> with CADSource(model, alpha=0.5) as src:
+        ...     scores = src.prefill([Row(prompt.input_ids[0], negative_ids=context_free_prompt(tok, prompt, "system")[0])])
+        ...     src.info(0)
     """
 
-    def __init__(self, model: nn.Module, negative_ids: torch.Tensor, alpha: float = 0.5):
+    width = 2
+
+    def __init__(self, model: nn.Module, alpha: float = 0.5):
         super().__init__(model)
         self.alpha = float(alpha)
-        self.negative_ids = negative_ids.to(self.device)
-        self.cfg: _CFG | None = None
-        self._full: torch.Tensor | None = None
+        self._tops: torch.Tensor | None = None  # (B, 2): the full and the ROI-free prompt's top tokens
 
-    @torch.no_grad()
-    def _contrast(self, full: torch.Tensor) -> torch.Tensor:
-        self._full = full
-        return self.cfg(self.ids, full[None])[0]
+    def _rows(self, rows) -> list[torch.Tensor]:
+        return [t for r in rows for t in (r.input_ids, r.negative_ids)]
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # The processor holds the negative branch's KV cache: a new sequence needs a new one.
-        self.cfg = _CFG(1.0 + self.alpha, self.model, unconditional_ids=self.negative_ids)
-        return self._contrast(super().prefill(input_ids))
+    def _logits(self, out, ids) -> torch.Tensor:
+        full, free = out.logits[:, -1].float().unflatten(0, (-1, 2)).unbind(1)   # (B, V) each
+        tops = torch.stack([full.argmax(-1), free.argmax(-1)], dim=1)
+        self._tops = tops if len(ids) == len(self.ids) else torch.cat([self._tops, tops])
+        # What HF's classifier-free guidance processor computes with guidance_scale = 1 + alpha.
+        return (1 + self.alpha) * torch.log_softmax(full, -1) - self.alpha * torch.log_softmax(free, -1)
 
-    def step(self, token_id: int) -> torch.Tensor:
-        return self._contrast(super().step(token_id))
+    def keep(self, index: torch.Tensor) -> None:
+        super().keep(index)
+        self._tops = self._tops[index.to(self._tops.device)]
 
-    def info(self) -> dict:
-        """The full prompt's own top token and the one without the ROI (absent when alpha = 0)."""
-        out = {"model_top": int(self._full.argmax())}
-        if self.cfg.last is not None:
-            out["context_free_top"] = int(self.cfg.last[0, -1].argmax())
-        return out
+    def info(self, i: int) -> dict:
+        """The full prompt's own top token and the one without the ROI."""
+        return {"model_top": int(self._tops[i, 0]), "context_free_top": int(self._tops[i, 1])}
 
     def describe(self) -> dict:
-        return {"alpha": self.alpha, "guidance_scale": 1.0 + self.alpha,
-                "negative_prompt_ids": self.negative_ids[0].tolist()}
+        return {"alpha": self.alpha, "guidance_scale": 1.0 + self.alpha}

@@ -6,8 +6,8 @@ Jensen-Shannon divergence from the final layer's is contrasted with it:
 
     scores = log p_final - log p_j    for tokens with p_final >= 0.1 * max p_final, -inf elsewhere
 
-then a repetition penalty (default 1.2, as the authors recommend) is applied over the whole
-sequence and the argmax taken. transformers 5.x no longer ships DoLa; this follows its former
+then a repetition penalty (default 1.2, as the authors recommend; the loop's
+``repetition_penalty`` processor) is applied over the whole sequence and the argmax taken. transformers 5.x no longer ships DoLa; this follows its former
 implementation (``dola_layers`` buckets, relative-top filter, penalty after the contrast) with two
 deliberate differences: premature logits go through the final norm (the paper's early exit; HF's
 code applied ``lm_head`` to the raw hidden state), and the divergence is the textbook JSD,
@@ -24,10 +24,9 @@ import math
 
 import torch
 from torch import nn
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from ..engines.reverse import CachedForward
-from ..models import forward_cached
+from ..adapters import final_norm
+from ..sources import CachedForward, Row
 from . import BaselineError
 
 __all__ = ["DoLaSource", "candidate_layers", "js_divergence", "RELATIVE_TOP"]
@@ -81,56 +80,58 @@ def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
 
 
 class DoLaSource(CachedForward):
-    """DoLa next-token scores from one cached forward with hidden states per step.
+    """DoLa next-token scores for a batch, from one cached forward with hidden states per step.
+
+    The repetition penalty DoLa is used with is applied by the decoding loop's logits processors
+    (``repetition_penalty``), after these scores, where DoLa applied it.
 
     Example:
-        >>> src = DoLaSource(model, "high", repetition_penalty=1.2)
-        >>> scores = src.prefill(ids); src.info()["premature_layer"]
+        >>> with DoLaSource(model, "high") as src:
+        ...     scores = src.prefill([Row(ids)]); src.info(0)["premature_layer"]
     """
 
-    def __init__(self, model: nn.Module, layers: "str | list[int]" = "high", repetition_penalty: float = 1.2,
-                 relative_top: float = RELATIVE_TOP):
+    def __init__(self, model: nn.Module, layers: "str | list[int]" = "high", relative_top: float = RELATIVE_TOP):
         super().__init__(model)
+        self.kv.extra = {"output_hidden_states": True}
         self.n_layers = model.config.get_text_config().num_hidden_layers
         self.layers = candidate_layers(model, layers)
-        self.repetition_penalty = float(repetition_penalty)
-        self.penalty = RepetitionPenaltyLogitsProcessor(self.repetition_penalty)
         self.relative_top = relative_top
         self.log_relative_top = math.log(relative_top)
-        self.norm = model.get_decoder().norm
+        self.norm = final_norm(model)
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        self._info: dict = {}
+        self._info: list[dict] = []
 
     def _early_exit(self, h: torch.Tensor) -> torch.Tensor:
         """What the model's head would say if the network stopped at ``h``: same norm, head, softcap."""
         logits = self.head(self.norm(h)).float()
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
-    @torch.no_grad()
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out, self.cache = forward_cached(self.model, self.cache, input_ids=ids.to(self.device), logits_to_keep=1,
-                                         output_hidden_states=True)
-        final = out.logits[0, -1].float()
-        premature = torch.stack([final if j == self.n_layers else self._early_exit(out.hidden_states[j][0, -1])
-                                 for j in self.layers])  # (n_candidates, V)
-        jsd = js_divergence(final, premature)
-        layer = self.layers[int(jsd.argmax())]  # ties go to the lower layer
+    def _logits(self, out, ids) -> torch.Tensor:
+        final = out.logits[:, -1].float()                                          # (B, V)
+        premature = torch.stack([final if j == self.n_layers else self._early_exit(out.hidden_states[j][:, -1])
+                                 for j in self.layers], dim=1)                      # (B, n_candidates, V)
+        jsd = js_divergence(final[:, None], premature)                             # (B, n_candidates)
+        pick = jsd.argmax(-1)                                                      # ties go to the lower layer
         log_final = torch.log_softmax(final, -1)
-        if layer == self.n_layers:
-            scores = log_final
-        else:
-            scores = log_final - torch.log_softmax(premature[self.layers.index(layer)], -1)
-            scores[log_final < log_final.max() + self.log_relative_top] = -math.inf
-        scores = self.penalty(self.ids, scores[None])[0]
-        self._info = {"premature_layer": layer, "js_divergence": {str(j): float(d) for j, d in zip(self.layers, jsd)},
-                      "model_top": int(final.argmax())}
+        contrast = log_final - torch.log_softmax(premature[torch.arange(len(final)), pick], -1)
+        contrast[log_final < log_final.max(-1, keepdim=True).values + self.log_relative_top] = -math.inf
+        # Contrasting the final layer with itself carries no information: plain greedy over it.
+        is_final = torch.tensor([self.layers[p] == self.n_layers for p in pick.tolist()], device=final.device)
+        scores = torch.where(is_final[:, None], log_final, contrast)
+        info = [{"premature_layer": self.layers[p], "model_top": int(f.argmax()),
+                 "js_divergence": {str(j): float(d) for j, d in zip(self.layers, row)}}
+                for p, f, row in zip(pick.tolist(), final, jsd)]
+        self._info = info if len(ids) == len(self.ids) else self._info + info
         return scores
 
-    def info(self) -> dict:
+    def keep(self, index: torch.Tensor) -> None:
+        super().keep(index)
+        self._info = [self._info[i] for i in index.tolist()]
+
+    def info(self, i: int) -> dict:
         """The chosen premature layer, each candidate's JSD from the final layer, the final layer's top token."""
-        return dict(self._info)
+        return dict(self._info[i])
 
     def describe(self) -> dict:
-        return {"candidate_layers": self.layers, "final_layer": self.n_layers,
-                "repetition_penalty": self.repetition_penalty, "relative_top": self.relative_top}
+        return {"candidate_layers": self.layers, "final_layer": self.n_layers, "relative_top": self.relative_top}

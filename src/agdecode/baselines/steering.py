@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from ..engines.reverse import CachedForward
+from ..adapters import decoder_layers
+from ..sources import CachedForward, Row
 from ..roi import render_prompt
 from . import BaselineError
 
@@ -176,11 +177,11 @@ def as_steering_vector(spec: "str | Path | SteeringVector | torch.Tensor") -> St
 class SteeringSource(CachedForward):
     """Next-token logits with ``weight * vector`` added to the residual stream entering ``layer``.
 
-    The hook is attached only around each forward, so the model is never left modified.
+    The hook is attached only inside the ``with`` block, so the model is never left modified.
 
     Example:
-        >>> src = SteeringSource(model, SteeringVector.load("french.safetensors"), weight=4.0)
-        >>> logits = src.prefill(ids)
+        >>> with SteeringSource(model, SteeringVector.load("french.safetensors"), weight=4.0) as src:
+        ...     logits = src.prefill([Row(ids)])
     """
 
     def __init__(self, model: nn.Module, vector: SteeringVector, layer: int | None = None, weight: float = 1.0):
@@ -190,32 +191,45 @@ class SteeringSource(CachedForward):
         self.layer = _check_layer(model, layer if layer is not None else
                                   vector.layer if vector.layer is not None else n // 2)
         self.vector, self.weight = vector, float(weight)
-        self.block = model.get_decoder().layers[self.layer]
+        self.block = decoder_layers(model)[self.layer]
         dtype = next(model.parameters()).dtype
         self.push = (self.weight * vector.vector.float()).to(self.device, dtype)
-        self._resid_norm: float | None = None
+        self._resid_norm: list[float] = []
+        self._handle = None
+
+    def __enter__(self) -> "SteeringSource":
+        self._handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        super().__exit__(*exc)
 
     def _hook(self, module, args, kwargs):
         if args:
             h, args = args[0], args[1:]
         else:
             h = kwargs.pop("hidden_states")
-        self._resid_norm = float(h[0, -1].float().norm())
+        self._last_norms = h[:, -1].float().norm(dim=-1).tolist()
         return ((h + self.push,) + tuple(args), kwargs)
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
-        try:
-            return super()._forward(ids)
-        finally:
-            handle.remove()
+    def _logits(self, out, ids) -> torch.Tensor:
+        self._resid_norm = self._last_norms if len(ids) == len(self.ids) else self._resid_norm + self._last_norms
+        return super()._logits(out, ids)
 
-    def info(self) -> dict:
+    def keep(self, index: torch.Tensor) -> None:
+        super().keep(index)
+        self._resid_norm = [self._resid_norm[i] for i in index.tolist()]
+
+    def info(self, i: int) -> dict:
         """Norm of the residual (before steering) at the last position, to compare with ``push_norm``."""
-        return {"resid_norm": self._resid_norm}
+        return {"resid_norm": self._resid_norm[i]}
 
     def describe(self) -> dict:
         return {"layer": self.layer, "weight": self.weight, "push_norm": float(self.push.float().norm()),
                 "fitted_layer": self.vector.layer,
                 **{k: self.vector.meta[k] for k in ("model", "instruction", "placement", "n_prompts")
                    if k in self.vector.meta}}
+

@@ -1,9 +1,10 @@
 """Attribution engines: how ROI scores are computed. The decoding loop only sees this protocol.
 
-An engine follows one sequence as it grows, inside a ``with engine:`` block (the forward engines
-hold module overrides for its duration). ``prefill`` and ``step`` return the next-token logits;
-``roi_scores`` returns, for the current position, the signed ROI relevance of each candidate's
-pre-softmax logit. Three engines implement it:
+An engine is a :class:`~agdecode.sources.Source` (the protocol baselines share): it follows a batch
+of sequences as they grow, inside a ``with engine:`` block (the forward engines hold module
+overrides for its duration). ``prefill`` and ``step`` return the next-token logits; ``scores``
+returns, for the current position, the signed ROI relevance of each candidate's pre-softmax logit.
+Three engines implement it:
 
 - :class:`~agdecode.engines.reverse.ReverseEngine`: one forward with gradients over the whole
   sequence, then one batched backward for the candidates (the paper's method; the oracle; gives
@@ -17,33 +18,17 @@ pre-softmax logit. Three engines implement it:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..adapters import attnlrp
+from ..sources import Source
 
-__all__ = ["AttributionEngine", "make_engine", "ENGINES", "ATTRIBUTIONS", "rules_for", "frozen"]
+__all__ = ["make_engine", "ENGINES", "ATTRIBUTIONS", "rules_for", "frozen"]
 
 ATTRIBUTIONS = ("lrp", "ixg")
-
-
-class AttributionEngine(Protocol):
-    """What the decoding loop needs from an attribution method."""
-
-    def __enter__(self) -> "AttributionEngine": ...
-
-    def __exit__(self, *exc) -> None: ...
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Start on a prompt ``(1, T)``; return next-token logits ``(V,)``."""
-
-    def step(self, token_id: int) -> torch.Tensor:
-        """Append one token; return the next-token logits ``(V,)``."""
-
-    def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:
-        """ROI scores ``(n_roi, n_candidates)`` of the candidates' logits at the current position."""
 
 
 def rules_for(model: nn.Module, attribution: str, attention: str | None = None):
@@ -79,18 +64,19 @@ def _engines():
 ENGINES = tuple(_engines())
 
 
-def make_engine(name: str, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
-                head_weights: torch.Tensor | None = None) -> AttributionEngine:
-    """Build engine ``name`` for ``model`` scoring R ROIs: token weights ``(R, T_prompt)``
-    (a boolean mask or signed weights) and optionally head weights ``(R, layers, heads)``.
+def make_engine(name: str, model: nn.Module, n_rois: int = 1, attribution: str = "lrp",
+                heads: bool = False) -> Source:
+    """Build engine ``name`` for ``model`` scoring ``n_rois`` ROIs per sequence (``heads``: some are
+    head ROIs). Each sequence brings its own ROI weights (:class:`~agdecode.sources.Row`).
 
     Example:
-        >>> eng = make_engine("reverse", model, mask[None])
-        >>> logits = eng.prefill(ids); scores = eng.roi_scores(logits.topk(3).indices)
+        >>> with make_engine("reverse", model) as eng:
+        ...     logits = eng.prefill([Row(ids, token_weights=mask[None])])
+        ...     scores = eng.scores(logits.topk(3).indices, torch.tensor([0]))   # (1, 1, 3)
     """
     engines = _engines()
     if name not in engines:
         raise ValueError(f"engine must be one of {tuple(engines)}, got {name!r}")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
-    return engines[name](model, token_weights, attribution, head_weights)
+    return engines[name](model, n_rois, attribution, heads)

@@ -18,6 +18,7 @@ the math kernel is forced (the fused CPU/CUDA kernels have no forward-mode deriv
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -25,29 +26,58 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import forward_cached
+from ..sources import Row, Source
 from . import rules_for
 
 
-class ForwardADEngine:
-    """Dual-number decoding through the KV cache. Use as a context manager around one generation.
+class _Sequence:
+    """One sequence's dual-number decoding state: R copies of it, one per ROI tangent."""
 
-    Example:
-        >>> with ForwardADEngine(model, roi_mask[None], "lrp") as eng:
-        ...     logits = eng.prefill(ids)
-        ...     eng.roi_scores(logits.topk(5).indices)    # (1, 5), no extra pass
-        ...     logits = eng.step(int(logits.argmax()))
-    """
-
-    def __init__(self, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
-                 head_weights: torch.Tensor | None = None, prefill_chunk: int = 512):
-        if head_weights is not None:
-            raise ValueError("engine 'forward-ad' attributes to tokens only; use 'forward' or 'reverse' for heads")
-        self.model, self.attribution = model, attribution
-        self.token_weights = token_weights.float()
-        self.prefill_chunk = prefill_chunk
+    def __init__(self, model: nn.Module, token_weights: torch.Tensor, prefill_chunk: int):
+        self.model, self.token_weights, self.prefill_chunk = model, token_weights.float(), prefill_chunk
         self.device = next(model.parameters()).device
         self.cache = None
-        self.scores: torch.Tensor | None = None  # (n_roi, V) ROI score of every token, current position
+        self.scores: torch.Tensor | None = None  # (R, V) ROI score of every token, current position
+
+    def _run(self, **inputs) -> torch.Tensor:
+        out, self.cache = forward_cached(self.model, self.cache, logits_to_keep=1, **inputs)
+        logits, tangent = fwAD.unpack_dual(out.logits)
+        self.scores = tangent[:, -1] if tangent is not None else torch.zeros_like(logits[:, -1])
+        return logits[0, -1]
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n_roi = self.token_weights.shape[0]
+        ids = input_ids.to(self.device)[None]
+        x = self.model.get_input_embeddings()(ids).expand(n_roi, -1, -1)       # (R, T, D)
+        tangent = x * self.token_weights.to(self.device, x.dtype)[..., None]
+        # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            end = start + self.prefill_chunk
+            logits = self._run(inputs_embeds=fwAD.make_dual(x[:, start:end].contiguous(),
+                                                             tangent[:, start:end].contiguous()))
+        return logits
+
+    def step(self, token_id: int) -> torch.Tensor:
+        ids = torch.full((self.token_weights.shape[0], 1), token_id, device=self.device)
+        return self._run(input_ids=ids)  # generated tokens are outside the ROI: zero tangent
+
+
+class ForwardADEngine(Source):
+    """Dual-number decoding through the KV cache, one sequence at a time (a cross-check, not the fast path).
+
+    Example:
+        >>> with ForwardADEngine(model, n_rois=1) as eng:
+        ...     logits = eng.prefill([Row(ids, token_weights=mask[None])])
+        ...     eng.scores(logits.topk(5).indices, torch.tensor([0]))    # (1, 1, 5), no extra pass
+        ...     logits = eng.step(logits.argmax(-1))
+    """
+
+    def __init__(self, model: nn.Module, n_rois: int = 1, attribution: str = "lrp", heads: bool = False,
+                 prefill_chunk: int = 512):
+        if heads:
+            raise ValueError("engine 'forward-ad' attributes to tokens only; use 'forward' or 'reverse' for heads")
+        self.model, self.attribution, self.prefill_chunk = model, attribution, prefill_chunk
+        self.seqs: list[_Sequence] = []
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "ForwardADEngine":
@@ -60,35 +90,24 @@ class ForwardADEngine:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cache = None  # the duals die with the level
+        self.seqs = []  # the duals die with the level
         if self._stack is not None:
             self._stack.close()
             self._stack = None
 
-    def _run(self, **inputs) -> torch.Tensor:
+    def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
         if self._stack is None:
             raise RuntimeError("ForwardADEngine must be used inside `with engine:`")
-        out, self.cache = forward_cached(self.model, self.cache, logits_to_keep=1, **inputs)
-        logits, tangent = fwAD.unpack_dual(out.logits)
-        self.scores = tangent[:, -1] if tangent is not None else torch.zeros_like(logits[:, -1])
-        return logits[0, -1]
+        new = [_Sequence(self.model, r.token_weights, self.prefill_chunk) for r in rows]
+        self.seqs += new
+        return torch.stack([s.prefill(r.input_ids) for s, r in zip(new, rows)])
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n_roi, t = self.token_weights.shape
-        ids = input_ids.to(self.device)
-        x = self.model.get_input_embeddings()(ids).expand(n_roi, -1, -1)       # (R, T, D)
-        tangent = x * self.token_weights.to(self.device, x.dtype)[..., None]
-        self.cache = None
-        # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            end = start + self.prefill_chunk
-            logits = self._run(inputs_embeds=fwAD.make_dual(x[:, start:end].contiguous(),
-                                                             tangent[:, start:end].contiguous()))
-        return logits
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([s.step(int(t)) for s, t in zip(self.seqs, token_ids)])
 
-    def step(self, token_id: int) -> torch.Tensor:
-        ids = torch.full((self.token_weights.shape[0], 1), token_id, device=self.device)
-        return self._run(input_ids=ids)  # generated tokens are outside the ROI: zero tangent
+    def keep(self, index: torch.Tensor) -> None:
+        self.seqs = [self.seqs[i] for i in index.tolist()]
 
-    def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:
-        return self.scores[:, candidates.to(self.scores.device)]
+    def scores(self, candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.seqs[i].scores[:, c.to(self.seqs[i].scores.device)]
+                            for i, c in zip(index.tolist(), candidates)])

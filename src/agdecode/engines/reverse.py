@@ -9,12 +9,13 @@ head, ``(o_proj input * grad)`` summed over the head dimension and positions.
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..models import forward_cached
+from ..sources import CachedForward, Row
 from . import frozen, rules_for
 
 
@@ -31,8 +32,9 @@ def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tenso
     acts: list[torch.Tensor] = []
     with contextlib.ExitStack() as stack:
         if heads:
-            for layer in get_adapter(model).layers(model):
-                h = layer.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
+            adapter = get_adapter(model)
+            for layer in adapter.layers(model):
+                h = adapter.attention_output(layer).register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
                 stack.callback(h.remove)
         stack.enter_context(frozen(model))
         stack.enter_context(rules_for(model, attribution))
@@ -57,66 +59,51 @@ def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tenso
     return token_rel, torch.stack(per_layer, dim=1)  # (n, L, H)
 
 
-class CachedForward:
-    """Plain KV-cached next-token logits, exactly as ``model.generate`` computes them (greedy uses it).
-
-    Example:
-        >>> with CachedForward(model) as lm:
-        ...     logits = lm.prefill(ids); logits = lm.step(int(logits.argmax()))
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.ids: torch.Tensor | None = None
-        self.cache = None
-
-    # Engines are context managers (the forward engine holds module overrides); this one needs none.
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.cache = None
-
-    @torch.no_grad()
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out, self.cache = forward_cached(self.model, self.cache, input_ids=ids.to(self.device), logits_to_keep=1)
-        return out.logits[0, -1]
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.ids, self.cache = input_ids.to(self.device), None
-        return self._forward(self.ids)
-
-    def step(self, token_id: int) -> torch.Tensor:
-        new = torch.tensor([[token_id]], device=self.device)
-        self.ids = torch.cat([self.ids, new], dim=1)
-        return self._forward(new)
-
-
 class ReverseEngine(CachedForward):
-    """Per-step recompute + batched backward. Also keeps the last per-token relevance maps.
+    """Plain cached logits; scores by a recompute with gradients and a batched backward per sequence.
+
+    Keeps the per-token relevance maps of the last scoring (:meth:`relevance`) for reports.
 
     Example:
-        >>> eng = ReverseEngine(model, roi_mask[None], "lrp")
-        >>> logits = eng.prefill(ids)
-        >>> eng.roi_scores(logits.topk(2).indices)   # (1, 2)
-        >>> eng.last_relevance.shape                 # (2, T)
+        >>> with ReverseEngine(model, n_rois=1) as eng:
+        ...     logits = eng.prefill([Row(ids, token_weights=mask[None])])
+        ...     eng.scores(logits.topk(2).indices, torch.tensor([0]))   # (1, 1, 2)
+        ...     eng.relevance(0, 1)                                      # candidate 1's map over the tokens
     """
 
-    def __init__(self, model: nn.Module, token_weights: torch.Tensor, attribution: str = "lrp",
-                 head_weights: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, n_rois: int = 1, attribution: str = "lrp", heads: bool = False):
         super().__init__(model)
-        self.attribution = attribution
-        self.token_weights = token_weights.float()          # (R, T_prompt)
-        self.head_weights = head_weights                # (R, L, H) or None
-        self.last_relevance: torch.Tensor | None = None
+        self.attribution, self.n_rois, self.heads = attribution, n_rois, heads
+        self.token_weights: list[torch.Tensor] = []         # per live sequence: (R, T_prompt)
+        self.head_weights: list[torch.Tensor | None] = []   # per live sequence: (R, L, H) or None
+        self._relevance: dict[int, torch.Tensor] = {}       # live sequence -> (k, T) of the last scoring
 
-    def roi_scores(self, candidates: torch.Tensor) -> torch.Tensor:
-        tok_rel, head_rel = attribute(self.model, self.ids, candidates, self.attribution,
-                                      heads=self.head_weights is not None)
-        self.last_relevance = tok_rel
-        t = self.token_weights.shape[1]
-        scores = self.token_weights.to(tok_rel.device) @ tok_rel[:, :t].T  # (R, n)
-        if head_rel is not None:
-            scores = scores + torch.einsum("rlh,nlh->rn", self.head_weights.to(head_rel), head_rel)
-        return scores
+    def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
+        self.token_weights += [r.token_weights.float() for r in rows]
+        self.head_weights += [r.head_weights if self.heads else None for r in rows]
+        return super().prefill(rows)
+
+    def keep(self, index: torch.Tensor) -> None:
+        order = index.tolist()
+        self.token_weights = [self.token_weights[i] for i in order]
+        self.head_weights = [self.head_weights[i] for i in order]
+        self._relevance = {new: self._relevance[old] for new, old in enumerate(order) if old in self._relevance}
+        super().keep(index)
+
+    def scores(self, candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out = []
+        # An oracle, not the fast path: one recompute and backward per sequence.
+        for i, cands in zip(index.tolist(), candidates):
+            tok_rel, head_rel = attribute(self.model, self.ids[i][None], cands, self.attribution,
+                                          heads=self.head_weights[i] is not None)
+            self._relevance[i] = tok_rel
+            w = self.token_weights[i]
+            s = w.to(tok_rel.device) @ tok_rel[:, :w.shape[1]].T                    # (R, k)
+            if head_rel is not None:
+                s = s + torch.einsum("rlh,nlh->rn", self.head_weights[i].to(head_rel), head_rel)
+            out.append(s)
+        return torch.stack(out)                                                      # (n, R, k)
+
+    def relevance(self, i: int, j: int = 0) -> list[float] | None:
+        rel = self._relevance.get(i)
+        return None if rel is None else rel[j].tolist()

@@ -1,0 +1,233 @@
+"""Where next-token logits come from: the one protocol shared by attribution engines and baselines.
+
+The decoding loop drives a :class:`Source` over a *batch* of sequences that changes as it runs:
+``prefill`` adds sequences (at the start, or while others are decoding), ``step`` appends one token
+to every live sequence, ``keep`` drops the finished ones. Each call returns next-token logits
+``(B, V)`` in the order of the live sequences. A source may also score candidates (``scores``:
+attribution engines), say what it computed (``info``: baselines) and keep relevance maps
+(``relevance``: the reverse engine); the defaults say "nothing", so the loop never asks ``hasattr``.
+
+Sequences of different lengths share one KV cache, left-padded, with a 2-D attention mask and
+explicit position ids (:class:`KVBatch`, as ``model.generate`` batches). A source may give each
+sequence several cache rows (``width``): the forward engine 1 + R (primal and one tangent per ROI),
+CAD 2 (the prompt with and without its ROI). Dropping a sequence removes its rows from the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import forward_cached
+
+__all__ = ["Row", "Source", "KVBatch", "CachedForward", "left_pad"]
+
+
+@dataclass
+class Row:
+    """One sequence to decode, as a source needs it.
+
+    ``token_weights`` ``(R, T)`` and ``head_weights`` ``(R, layers, heads)`` are the ROIs of an
+    attribution engine; ``negative_ids`` ``(T',)`` is CAD's prompt without its ROI.
+    """
+
+    input_ids: torch.Tensor                       # (T,)
+    token_weights: torch.Tensor | None = None     # (R, T)
+    head_weights: torch.Tensor | None = None      # (R, L, H)
+    negative_ids: torch.Tensor | None = None      # (T',)
+
+
+def left_pad(seqs: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack tensors ``(..., T_i)`` into ``(n, ..., T)`` padded on the left; return it and the mask ``(n, T)``.
+
+    Example:
+        >>> left_pad([torch.tensor([1, 2]), torch.tensor([3])])
+        (tensor([[1, 2], [0, 3]]), tensor([[1, 1], [0, 1]]))
+    """
+    t = max(s.shape[-1] for s in seqs)
+    padded = torch.stack([F.pad(s, (t - s.shape[-1], 0), value=value) for s in seqs])
+    mask = torch.stack([F.pad(torch.ones(s.shape[-1], dtype=torch.long), (t - s.shape[-1], 0)) for s in seqs])
+    return padded, mask
+
+
+class KVBatch:
+    """Cache rows of left-padded sequences: the KV cache, a 2-D mask ``(N, S)`` and next positions ``(N,)``.
+
+    Sequences are added by a prefill into a fresh cache that is then merged (both sides left-padded
+    to the longer one), so new sequences can join a batch that is decoding. A plain
+    ``DynamicCache`` (no sliding-window layers) keeps every layer's keys aligned column by column,
+    which the merge and the trimming of dead padding rely on; sliding-window attention still comes
+    from the mask.
+
+    Example:
+        >>> kv = KVBatch(model)
+        >>> out = kv.prefill(embeds, mask)          # (n, T, D), (n, T)
+        >>> out = kv.step(next_embeds)              # (N, 1, D)
+        >>> kv.keep(torch.tensor([0, 2]))           # rows to keep
+    """
+
+    def __init__(self, model: nn.Module, prefill_chunk: int | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.prefill_chunk = prefill_chunk
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # (N, S) 1 = real token
+        self.extra: dict = {}                  # keywords for every forward (e.g. output_hidden_states)
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def _forward(self, cache, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        out, cache = forward_cached(self.model, cache, inputs_embeds=embeds, attention_mask=mask,
+                                    position_ids=positions, logits_to_keep=1, **self.extra)
+        return out, cache
+
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, on_chunk=None):
+        """Run new rows ``(n, T, D)`` with mask ``(n, T)`` and add them to the batch; returns the last output."""
+        from transformers import DynamicCache
+
+        mask = mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)        # left padding: each row counts from its first token
+        cache, out = DynamicCache(), None
+        chunk = self.prefill_chunk or embeds.shape[1]
+        # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
+        for start in range(0, embeds.shape[1], chunk):
+            end = start + chunk
+            if on_chunk is not None:
+                on_chunk(start, end)
+            out, cache = self._forward(cache, embeds[:, start:end], mask[:, :end], positions[:, start:end])
+        self._merge(cache, mask)
+        return out
+
+    def step(self, embeds: torch.Tensor):
+        """Append one token to every row: ``embeds`` ``(N, 1, D)``."""
+        positions = self.mask.sum(1, keepdim=True)           # (N, 1): the next position of each row
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        out, self.cache = self._forward(self.cache, embeds, self.mask, positions)
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only cache rows ``rows`` (indices); padding columns no row needs any more are cut."""
+        rows = rows.to(self.device)
+        self.mask = self.mask[rows]
+        dead = int((self.mask.sum(0) == 0).int().cumprod(0).sum())  # leading columns that are padding in every row
+        self.mask = self.mask[:, dead:]
+        for layer in self.cache.layers:
+            # Slicing alone would keep the old storage alive: copy, so the freed rows' memory is released.
+            layer.keys = layer.keys[rows, :, dead:].contiguous()
+            layer.values = layer.values[rows, :, dead:].contiguous()
+
+    def _merge(self, cache, mask: torch.Tensor) -> None:
+        if self.cache is None or len(self) == 0:
+            self.cache, self.mask = cache, mask
+            return
+        s_old, s_new = self.mask.shape[1], mask.shape[1]
+        s = max(s_old, s_new)
+        for old, new in zip(self.cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)
+                setattr(old, name, torch.cat([F.pad(a, (0, 0, s - s_old, 0)), F.pad(b, (0, 0, s - s_new, 0))]))
+        self.mask = torch.cat([F.pad(self.mask, (s - s_old, 0)), F.pad(mask, (s - s_new, 0))])
+
+    def clear(self) -> None:
+        self.cache, self.mask = None, None
+
+
+class Source:
+    """Base of every logits source: the protocol the decoding loop drives (see the module docstring).
+
+    Subclasses implement ``prefill``, ``step`` and ``keep``; engines add ``scores``. Use as a
+    context manager around a generation (engines hold module overrides for its duration).
+    """
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
+        """Add sequences; return their next-token logits ``(n, V)``."""
+        raise NotImplementedError
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Append ``token_ids`` ``(B,)`` to the live sequences; return next-token logits ``(B, V)``."""
+        raise NotImplementedError
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the live sequences at ``index`` (in this order); the others are freed."""
+        raise NotImplementedError
+
+    def scores(self, candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """ROI scores ``(n, R, k)`` of candidates ``(n, k)`` of the live sequences at ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} does not attribute")
+
+    def relevance(self, i: int, j: int = 0) -> list[float] | None:
+        """Per-token relevance of candidate ``j`` of live sequence ``i`` at its last scoring (reverse engine)."""
+        return None
+
+    def info(self, i: int) -> dict | None:
+        """What the method computed for live sequence ``i`` at the current step (JSON-serialisable)."""
+        return None
+
+    def describe(self) -> dict | None:
+        """The method's settings as resolved for this model (JSON-serialisable)."""
+        return None
+
+
+class CachedForward(Source):
+    """Plain KV-cached next-token logits for a batch, exactly as ``model.generate`` computes them.
+
+    Also keeps each live sequence's token ids (``ids``), which baselines and the reverse engine need.
+
+    Example:
+        >>> with CachedForward(model) as lm:
+        ...     logits = lm.prefill([Row(ids1), Row(ids2)])       # (2, V)
+        ...     logits = lm.step(logits.argmax(-1))               # (2, V)
+    """
+
+    width = 1  # cache rows per sequence
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.kv = KVBatch(model)
+        self.ids: list[torch.Tensor] = []  # each live sequence's tokens so far (prompt + generated)
+
+    def __exit__(self, *exc) -> None:
+        self.kv.clear()
+        self.ids = []
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def _logits(self, out, ids: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token scores ``(n, V)`` of the sequences in ``out`` (whose tokens are ``ids``)."""
+        return out.logits[:, -1]
+
+    def _rows(self, rows: Sequence[Row]) -> list[torch.Tensor]:
+        """The token ids of each cache row of these sequences (``width`` per sequence)."""
+        return [r.input_ids for r in rows]
+
+    @torch.no_grad()
+    def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
+        ids, mask = left_pad([t.to(self.device) for t in self._rows(rows)])
+        self.ids += [r.input_ids.to(self.device) for r in rows]
+        out = self.kv.prefill(self._embed(ids), mask)
+        return self._logits(out, self.ids[len(self.ids) - len(rows):])
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        token_ids = token_ids.to(self.device)
+        self.ids = [torch.cat([s, t[None]]) for s, t in zip(self.ids, token_ids)]
+        out = self.kv.step(self._embed(token_ids.repeat_interleave(self.width)[:, None]))
+        return self._logits(out, self.ids)
+
+    def keep(self, index: torch.Tensor) -> None:
+        index = index.to(self.device)
+        self.ids = [self.ids[i] for i in index.tolist()]
+        w = self.width
+        self.kv.keep((index[:, None] * w + torch.arange(w, device=self.device)).flatten())

@@ -1,0 +1,223 @@
+"""Batched decoding: each conversation in a batch decodes exactly as it would alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+from agdecode import generate, render_prompt
+from agdecode.decoding import AGDConfig, Decoder, Job, _engine_row
+from agdecode.errors import AgdError
+from agdecode.roi import resolve_region
+from agdecode.sources import CachedForward, Row
+from conftest import make_tiny
+
+CONVS = [
+    [{"role": "system", "content": "Always answer in French."}, {"role": "user", "content": "Tell me about cats."}],
+    [{"role": "system", "content": "You are a pirate. Always talk like a pirate, with many arrs and ahoys."},
+     {"role": "user", "content": "How are you today? Tell me about your ship and your crew, please."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}],
+]
+DOCS = [
+    [{"title": "Paris", "text": "Paris is the capital of France."}],
+    [{"title": "Ships", "text": "A ship has a hull."}, {"title": "Sea", "text": "The sea is large and salty."}],
+    [{"title": "Sky", "text": "The sky is blue."}],
+]
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return make_tiny("llama", len(tokenizer)), tokenizer
+
+
+def _close_scores(batched, single, rel=1e-4):
+    """Every step's candidate scores agree to ``rel`` of the step's largest score."""
+    assert len(batched.steps) == len(single.steps)
+    for s, t in zip(batched.steps, single.steps):
+        assert s.reason == t.reason
+        for c, d in zip(s.candidates, t.candidates):
+            assert c.token_id == d.token_id
+            assert (c.scores is None) == (d.scores is None)
+            if c.scores is None:
+                continue
+            for name in c.scores:
+                scale = max(abs(x.scores[name]) for x in t.candidates if x.scores) or 1e-6
+                assert abs(c.scores[name] - d.scores[name]) <= rel * max(scale, 1e-6)
+
+
+def _assert_batch_equals_singles(model, tok, convs, documents=None, **kw):
+    batched = generate(model, tok, convs, documents=documents, **kw)
+    assert isinstance(batched, list) and len(batched) == len(convs)
+    for n, (conv, out) in enumerate(zip(convs, batched)):
+        alone = generate(model, tok, conv, documents=None if documents is None else documents[n], **kw)
+        assert out.token_ids == alone.token_ids, f"conversation {n}"
+        _close_scores(out, alone)
+    return batched
+
+
+@pytest.mark.parametrize("engine", ["forward", "reverse"])
+def test_batch_equals_single_on_every_architecture(tiny, engine):
+    arch, model, tok = tiny
+    _assert_batch_equals_singles(model, tok, CONVS, k=4, min_prob=0.0, max_new_tokens=6, engine=engine,
+                                 roi=["system", "user"])
+
+
+def test_batch_equals_single_forward_ad(tiny):
+    arch, model, tok = tiny
+    _assert_batch_equals_singles(model, tok, CONVS[:2], k=3, min_prob=0.0, max_new_tokens=3, engine="forward-ad")
+
+
+@pytest.mark.parametrize("roi", ["context", "context - user", "document:1 | system", "heads:0.1,1.3",
+                                 "heads:1.0 + context"])
+def test_batch_equals_single_for_context_and_head_rois(tiny, roi):
+    arch, model, tok = tiny
+    _assert_batch_equals_singles(model, tok, CONVS, documents=DOCS, roi=[roi, "system"], k=4, min_prob=0.0,
+                                 max_new_tokens=5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "cad", "dola", "sample"])
+def test_batch_equals_single_for_baselines(tiny, method):
+    arch, model, tok = tiny
+    _assert_batch_equals_singles(model, tok, CONVS, method=method, max_new_tokens=6)
+
+
+def test_rows_finish_at_different_steps_and_others_are_unchanged(llama):
+    model, tok = llama
+    eos = tok.eos_token_id
+    # Row 1 stops after 2 tokens (its own budget), row 0 at a stop criterion, row 2 runs on.
+    jobs_cfg = AGDConfig(k=3, min_prob=0.0, max_new_tokens=8)
+    alone = [generate(model, tok, c, config=jobs_cfg) for c in CONVS]
+    dec = Decoder(model, tok, jobs_cfg, n_rois=1)
+    jobs = []
+    for n, conv in enumerate(CONVS):
+        prompt = render_prompt(tok, conv)
+        region = resolve_region("system", prompt, model)
+        jobs.append(Job(_engine_row(prompt.input_ids[0], [region]), [region], prompt,
+                        max_new_tokens=2 if n == 1 else 8))
+    sizes = []
+    with dec:
+        dec.add(jobs)
+        while dec.jobs:
+            sizes.append(dec.source.kv.cache.layers[0].keys.shape[0])
+            dec.step()
+    assert jobs[1].out_ids == alone[1].token_ids[:2] and jobs[1].finish_reason == "length"
+    assert jobs[0].out_ids == alone[0].token_ids and jobs[2].out_ids == alone[2].token_ids
+    # 3 sequences x 2 rows (primal + 1 tangent) until row 1 leaves, then 2 x 2: the cache shrank.
+    assert sizes[0] == 6 and sizes[2] == 4 and eos is not None
+
+
+def test_a_finished_row_is_removed_from_the_cache_and_memory_released(llama):
+    model, tok = llama
+    prompts = [render_prompt(tok, c).input_ids[0] for c in CONVS]
+    with CachedForward(model) as src:
+        src.prefill([Row(p) for p in prompts])
+        layer = src.kv.cache.layers[0]
+        before = layer.keys.untyped_storage().nbytes()
+        src.keep(torch.tensor([2, 0]))
+        after = layer.keys.untyped_storage().nbytes()
+        assert layer.keys.shape[0] == 2 and after < before
+        # The short row 2 was the only reason for nothing: the longest kept row (0) has no padding.
+        assert src.kv.mask.shape[1] == max(len(prompts[0]), len(prompts[2]))
+        logits = src.step(torch.tensor([5, 7]))
+    with CachedForward(model) as alone:
+        alone.prefill([Row(prompts[0])])
+        ref = alone.step(torch.tensor([7]))
+    torch.testing.assert_close(logits[1], ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_sequences_join_a_running_batch(llama):
+    model, tok = llama
+    cfg = AGDConfig(k=3, min_prob=0.0, max_new_tokens=6)
+    alone = [generate(model, tok, c, config=cfg) for c in CONVS]
+    dec = Decoder(model, tok, cfg, n_rois=1)
+
+    def job(conv):
+        prompt = render_prompt(tok, conv)
+        region = resolve_region("system", prompt, model)
+        return Job(_engine_row(prompt.input_ids[0], [region]), [region], prompt, 6)
+
+    jobs = [job(c) for c in CONVS]
+    with dec:
+        dec.add(jobs[:1])
+        dec.step()
+        dec.step()
+        dec.add(jobs[1:])  # joins after two steps of the first
+        while dec.jobs:
+            dec.step()
+    for j, ref in zip(jobs, alone):
+        assert j.out_ids == ref.token_ids
+
+
+def test_batch_size_caps_rows_and_keeps_order(llama):
+    model, tok = llama
+    convs = CONVS * 2
+    outs = generate(model, tok, convs, k=3, min_prob=0.0, max_new_tokens=4, batch_size=2)
+    ref = generate(model, tok, convs, k=3, min_prob=0.0, max_new_tokens=4, batch_size=6)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert [o.prompt for o in outs] == [render_prompt(tok, c).text for c in convs]
+
+
+def test_repetition_penalty_acts_before_the_gate_and_the_candidates(llama):
+    """AGD's entropy, candidate probabilities and greedy token come from the processed logits."""
+    model, tok = llama
+    conv = CONVS[0]
+    out = generate(model, tok, conv, k=4, min_prob=0.0, max_new_tokens=4, repetition_penalty=1.5)
+    # Hand computation: the model's logits on the prompt + the tokens emitted so far, penalised.
+    ids = render_prompt(tok, conv).input_ids[0].tolist()
+    for step in out.steps:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        seen = torch.tensor(sorted(set(ids)))
+        v = logits[seen]
+        logits[seen] = torch.where(v < 0, v * 1.5, v / 1.5)
+        probs = torch.softmax(logits, -1)
+        top_p, top_i = probs.topk(4)
+        assert [c.token_id for c in step.candidates] == top_i.tolist()
+        assert [c.prob for c in step.candidates] == pytest.approx(top_p.tolist(), rel=1e-4)
+        logp = torch.log_softmax(logits, -1)
+        assert step.entropy == pytest.approx(float(-(logp.exp() * logp).sum()), rel=1e-4)
+        ids.append(step.chosen_id)
+    # The same through a user-supplied LogitsProcessorList.
+    via_list = generate(model, tok, conv, k=4, min_prob=0.0, max_new_tokens=4,
+                        logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)]))
+    assert via_list.token_ids == out.token_ids
+
+
+def test_stop_strings_end_a_row_at_the_right_token(llama):
+    model, tok = llama
+    free = generate(model, tok, CONVS[0], method="greedy", max_new_tokens=12)
+    # Stop at the text of the 5th generated token: the row must end right there.
+    target = free.tokens[4]
+    assert target.strip(), "pick a prompt whose 5th token has text"
+    stopped = generate(model, tok, CONVS[0], method="greedy", max_new_tokens=12, stop_strings=[target])
+    first = next(i for i in range(12) if tok.decode(free.token_ids[: i + 1]).endswith(target))
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    assert stopped.extra["finish_reason"] == "stop"
+    # In a batch, only that row stops there.
+    both = generate(model, tok, [CONVS[0], CONVS[2]], method="greedy", max_new_tokens=12, stop_strings=[target])
+    assert both[0].token_ids == stopped.token_ids
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, t: generate(m, t, []), "conversations is empty"),
+    (lambda m, t: generate(m, t, [CONVS[0], []]), "conversation 1 must be a non-empty list"),
+    (lambda m, t: generate(m, t, CONVS, documents=DOCS[:2]), "documents has 2 entries for 3 conversations"),
+    (lambda m, t: generate(m, t, CONVS, batch_size=0), "batch_size must be an integer >= 1"),
+    (lambda m, t: generate(m, t, CONVS, k=10**9), "larger than the model's vocabulary"),
+    (lambda m, t: generate(m, t, CONVS, stop_strings="x"), "stop_strings must be a non-empty list"),
+    (lambda m, t: generate(m, t, CONVS, tempreature=1.0), "unknown generation setting"),
+])
+def test_bad_batched_calls_fail_before_any_compute(llama, monkeypatch, call, match):
+    model, tok = llama
+    calls = []
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(AgdError, match=match):
+        call(model, tok)
+    assert not calls
+
+
+def test_config_keywords_override_the_config(llama):
+    model, tok = llama
+    out = generate(model, tok, CONVS[0], config=AGDConfig(k=5, max_new_tokens=2), k=3, max_new_tokens=7,
+                   min_new_tokens=7)
+    assert out.config["k"] == 3 and len(out.token_ids) == 7
