@@ -29,7 +29,7 @@ from .roi import ROI, Prompt, Region, render_prompt, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
 
-__all__ = ["AGDConfig", "Decoder", "Job", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError",
+__all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError",
            "METHODS"]
 
 METHODS = ("agd", "greedy") + BASELINES
@@ -531,6 +531,26 @@ def generate(
         raise AgdError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if streamer is not None and len(convs) > 1:
         raise AgdError("streamer= streams one conversation; pass one, or use Decoder with Job.on_token")
+    cfg = resolve_config(model, tokenizer, config, **settings)
+    jobs = make_jobs(model, tokenizer, cfg, convs, docs, stopping_criteria, names=not single)
+    decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor, n_rois=len(cfg.roi_list()),
+                      heads=any(r.heads is not None for j in jobs for r in j.rois))
+    if streamer is not None:
+        streamer.put(jobs[0].row.input_ids[None].cpu())
+        jobs[0].on_token = lambda t: streamer.put(torch.tensor([t]))
+    run(decoder, jobs, batch_size or _default_batch_size(model))
+    if streamer is not None:
+        streamer.end()
+    results = [decoder.result(j) for j in jobs]
+    return results[0] if single else results
+
+
+def resolve_config(model: nn.Module, tokenizer, config: AGDConfig | None = None, **settings) -> AGDConfig:
+    """The validated config for this model: keywords over ``config``, ``"auto"`` threshold resolved, ``k`` checked.
+
+    Example:
+        >>> cfg = resolve_config(model, tok, k=3, entropy_threshold="auto")
+    """
     cfg = make_config(config, **settings)
     if cfg.entropy_threshold == "auto":  # resolved per model, so a calibration is never used for another
         from .calibrate import calibrated_threshold
@@ -541,29 +561,33 @@ def generate(
         raise AgdError(f"k={cfg.k} is larger than the model's vocabulary ({vocab} tokens)")
     if cfg.stop_strings and tokenizer is None:
         raise AgdError("stop_strings need the tokenizer")
-    # Everything that can fail on the input is resolved for every conversation before any compute.
-    prompts = [render_prompt(tokenizer, c, documents=d) for c, d in zip(convs, docs)]
+    return cfg
+
+
+def make_jobs(model: nn.Module, tokenizer, cfg: AGDConfig, conversations: Sequence, documents: Sequence | None = None,
+              stopping_criteria=None, names: bool = True) -> list[Job]:
+    """Render, check and resolve every conversation (one :class:`Job` each) before any compute.
+
+    Everything that can fail on the input (templates, ROIs, lengths, CAD's prompt without the ROI)
+    fails here, naming the conversation when ``names``.
+
+    Example:
+        >>> jobs = make_jobs(model, tok, resolve_config(model, tok), [messages])
+        >>> with Decoder(model, tok, cfg) as dec: dec.add(jobs); ...
+    """
+    documents = [None] * len(conversations) if documents is None else documents
+    prompts = [render_prompt(tokenizer, c, documents=d) for c, d in zip(conversations, documents)]
     for n, p in enumerate(prompts):
-        _check_length(model, len(p), cfg.max_new_tokens, "The prompt" if single else f"Conversation {n}'s prompt")
+        _check_length(model, len(p), cfg.max_new_tokens, f"Conversation {n}'s prompt" if names else "The prompt")
     if cfg.method == "agd":
         regions = [[resolve_region(r, p, model) for r in cfg.roi_list()] for p in prompts]
         rows = [_engine_row(p.input_ids[0], rs) for p, rs in zip(prompts, regions)]
     else:
         regions = [[] for _ in prompts]
         rows = [baseline_row(cfg, tokenizer, p, messages=c if not isinstance(c, str) else None, documents=d)
-                for p, c, d in zip(prompts, convs, docs)]
-    decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor, n_rois=len(cfg.roi_list()),
-                      heads=any(r.heads is not None for rs in regions for r in rs))
-    jobs = [Job(row, rs, p, cfg.max_new_tokens, _stopping(cfg, tokenizer, stopping_criteria))
+                for p, c, d in zip(prompts, conversations, documents)]
+    return [Job(row, rs, p, cfg.max_new_tokens, _stopping(cfg, tokenizer, stopping_criteria))
             for row, rs, p in zip(rows, regions, prompts)]
-    if streamer is not None:
-        streamer.put(jobs[0].row.input_ids[None].cpu())
-        jobs[0].on_token = lambda t: streamer.put(torch.tensor([t]))
-    run(decoder, jobs, batch_size or _default_batch_size(model))
-    if streamer is not None:
-        streamer.end()
-    results = [decoder.result(j) for j in jobs]
-    return results[0] if single else results
 
 
 def _documents_per_conversation(documents, n: int, single: bool) -> list:
