@@ -221,3 +221,27 @@ def test_config_keywords_override_the_config(llama):
     out = generate(model, tok, CONVS[0], config=AGDConfig(k=5, max_new_tokens=2), k=3, max_new_tokens=7,
                    min_new_tokens=7)
     assert out.config["k"] == 3 and len(out.token_ids) == 7
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_batched_attribution_equals_one_sequence_at_a_time(tiny, positive):
+    from agdecode.engines.reverse import attribute, attribute_batch
+
+    arch, model, tok = tiny
+    seqs = [render_prompt(tok, c).input_ids[0] for c in CONVS]
+    targets = torch.tensor([5, 17, 300])
+    tok_rel, head_rel = attribute_batch(model, seqs, targets, positive=positive)
+    for n, s in enumerate(seqs):
+        t, h = attribute(model, s[None], targets[n : n + 1], heads=True, positive=positive)
+        torch.testing.assert_close(tok_rel[n], t[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(head_rel[n], h[0], rtol=1e-4, atol=1e-6)
+
+
+def test_head_discovery_does_not_depend_on_the_batch_size(llama):
+    from agdecode.discovery import discover_heads
+
+    model, tok = llama
+    a = discover_heads(model, tok, n_items=5, top=3, batch_size=1)
+    b = discover_heads(model, tok, n_items=5, top=3, batch_size=4)
+    torch.testing.assert_close(torch.tensor(a["scores"]["D"]), torch.tensor(b["scores"]["D"]), rtol=1e-4, atol=1e-6)
+    assert a["top"] == b["top"]

@@ -38,7 +38,9 @@ def test_calibration_is_deterministic_and_is_numpys_percentile(two_models, cache
     # The recorded entropies are those of plain greedy runs, and the threshold is their 80th percentile.
     steps = [s.entropy for m in CONVS
              for s in agdecode.generate(model, tok, m, method="greedy", max_new_tokens=6).steps]
-    assert np.allclose(h, steps) and rec["threshold"] == float(np.percentile(steps, 80))
+    # (batched decoding pads the prompts: entropies agree with one-at-a-time runs to float precision)
+    assert np.allclose(h, steps, rtol=1e-5) and rec["threshold"] == pytest.approx(float(np.percentile(steps, 80)))
+    assert rec["threshold"] == float(np.percentile(h, 80))
     assert rec["n_steps"] == len(steps) == sum(rec["histogram"]["counts"])
     assert rec["fraction_guided"]["calibrated"] == pytest.approx(np.mean(np.array(steps) >= rec["threshold"]))
     assert rec["model"] == model_identity(model) and rec["data"]["n_items"] == 3

@@ -23,7 +23,7 @@ def test_ray_two_workers_match_a_local_run(tokenizer, tmp_path):
     spec = dict(task="qa", data=str(data), method="agd", model=str(d), max_new_tokens=3, roi="user")
 
     local = run_eval(EvalSpec(**spec), tmp_path / "local", progress=False)
-    sharded = run_eval(EvalSpec(**spec), tmp_path / "ray", progress=False,
+    sharded = run_eval(EvalSpec(**spec, batch_size=2), tmp_path / "ray", progress=False,  # 3 chunks of 2
                        ray={"workers": 2, "cpus_per_worker": 1, "num_cpus": 2})
 
     def records(root):

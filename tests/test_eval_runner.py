@@ -59,21 +59,21 @@ def test_killed_and_resumed_run_equals_an_unbroken_one(tiny_llama, qa_file, tmp_
 
     real, calls = agdecode.decoding.generate, []
 
-    def dies_on_third(*a, **kw):  # Ctrl-C while the third item is being generated
+    def dies_on_second_chunk(*a, **kw):  # Ctrl-C while the second chunk of items is being generated
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(agdecode.decoding, "generate", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_eval(_spec(qa_file), tmp_path / "b", model, tok, progress=False)
+    monkeypatch.setattr(agdecode.decoding, "generate", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):  # batch 1: chunks of 4 items
+        run_eval(_spec(qa_file, batch_size=1), tmp_path / "b", model, tok, progress=False)
     monkeypatch.setattr(agdecode.decoding, "generate", real)
-    assert len(_records(tmp_path / "b" / "greedy")) == 2
+    assert len(_records(tmp_path / "b" / "greedy")) == 4
     assert json.loads((tmp_path / "b" / "greedy" / "summary.json").read_text())["complete"] is False
     # A kill in the middle of writing the next record leaves a torn line: it is dropped on resume.
     with open(tmp_path / "b" / "greedy" / "records.jsonl", "a") as f:
-        f.write('{"id": "q2", "response": "half a rec')
+        f.write('{"id": "q4", "response": "half a rec')
     resumed = run_eval(_spec(qa_file), tmp_path / "b", model, tok, progress=False)
     ids = [r["id"] for r in _records(tmp_path / "b" / "greedy")]
     assert sorted(ids) == sorted(it["id"] for it in QA) and len(ids) == len(set(ids))
@@ -82,6 +82,15 @@ def test_killed_and_resumed_run_equals_an_unbroken_one(tiny_llama, qa_file, tmp_
     again = run_eval(_spec(qa_file), tmp_path / "b", model, tok, progress=False)
     assert _deterministic(again) == _deterministic(unbroken)
     assert len(_records(tmp_path / "b" / "greedy")) == 5
+
+
+def test_batched_run_equals_one_item_at_a_time(tiny_llama, qa_file, tmp_path):
+    model, tok = tiny_llama
+    one = run_eval(_spec(qa_file, "agd", roi="user", batch_size=1), tmp_path / "a", model, tok, progress=False)
+    three = run_eval(_spec(qa_file, "agd", roi="user", batch_size=3), tmp_path / "b", model, tok, progress=False)
+    assert _deterministic(one) == _deterministic(three)
+    a, b = _records(tmp_path / "a" / "agd"), _records(tmp_path / "b" / "agd")
+    assert [r["response"] for r in a] == [r["response"] for r in b]
 
 
 def test_limit_extends_a_run_and_other_settings_are_refused(tiny_llama, qa_file, tmp_path):

@@ -72,7 +72,8 @@ def calibration_path(model: nn.Module) -> Path:
 
 
 def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, percentile: float = 80.0,
-              max_new_tokens: int = 128, data: dict | None = None, progress: bool = False) -> tuple[dict, np.ndarray]:
+              max_new_tokens: int = 128, data: dict | None = None, progress: bool = False,
+              batch_size: int | None = None) -> tuple[dict, np.ndarray]:
     """Greedy-decode ``conversations`` and take the ``percentile`` of the per-step entropies (nats).
 
     Returns the calibration record (threshold, model identity, data, histogram, fractions of steps
@@ -90,14 +91,21 @@ def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, p
     if not conversations:
         raise ValueError("the calibration set is empty")
     entropies, start = [], time.perf_counter()
-    it = conversations
+    batch_size = batch_size or (32 if next(model.parameters()).device.type == "cuda" else 8)
+    chunks = [conversations[i:i + 4 * batch_size] for i in range(0, len(conversations), 4 * batch_size)]
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(conversations, desc="calibrating", unit="item")
-    for messages in it:
-        res = generate(model, tokenizer, messages, method="greedy", max_new_tokens=max_new_tokens)
-        entropies += [s.entropy for s in res.steps]
+        bar = tqdm(total=len(conversations), desc="calibrating", unit="item")
+    for chunk in chunks:
+        for res in generate(model, tokenizer, chunk, method="greedy", max_new_tokens=max_new_tokens,
+                            batch_size=batch_size):
+            entropies += [s.entropy for s in res.steps]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     h = np.asarray(entropies, dtype=np.float64)
     threshold = float(np.percentile(h, percentile))
     edges_max = BIN_WIDTH * (int(h.max() / BIN_WIDTH) + 1)

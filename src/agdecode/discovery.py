@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .engines.reverse import attribute
+from .engines.reverse import attribute_batch
 from .heads import KINDS, model_key
 from .roi import render_prompt
 
@@ -64,14 +64,19 @@ def discovery_items(n: int | None = None, seed: int = 0) -> list[dict]:
     return items[:n] if n else items
 
 
-def _head_relevance(model, tokenizer, question: str, target: str, document: dict | None) -> torch.Tensor:
+def _prompt_and_target(tokenizer, question: str, target: str, document: dict | None) -> tuple[torch.Tensor, int]:
     messages = [{"role": "system", "content": SYSTEM_OPEN if document else SYSTEM},
                 {"role": "user", "content": question[:1].upper() + question[1:] + "?"}]
     prompt = render_prompt(tokenizer, messages, documents=[document] if document else None)
-    first = tokenizer(target, add_special_tokens=False).input_ids[0]
-    device = next(model.parameters()).device
-    _, heads = attribute(model, prompt.input_ids.to(device), torch.tensor([first]), "lrp", heads=True, positive=True)
-    return heads[0].cpu()  # (L, H)
+    return prompt.input_ids[0], tokenizer(target, add_special_tokens=False).input_ids[0]
+
+
+def _head_relevance(model, tokenizer, cases: list[tuple[str, str, dict | None]]) -> torch.Tensor:
+    """R+ per head ``(n, L, H)`` of each (question, target, document or None), in one batch."""
+    prompts = [_prompt_and_target(tokenizer, *c) for c in cases]
+    _, heads = attribute_batch(model, [p for p, _ in prompts], torch.tensor([t for _, t in prompts]), "lrp",
+                               positive=True)
+    return heads.cpu()
 
 
 def _top(scores: torch.Tensor, n: int) -> list[list[int]]:
@@ -80,7 +85,7 @@ def _top(scores: torch.Tensor, n: int) -> list[list[int]]:
 
 
 def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 10, seed: int = 0,
-                   kind: str = "parametric") -> dict:
+                   kind: str = "parametric", batch_size: int = 8) -> dict:
     """Score every head by D (see module docstring) and pick the top ``top`` of each kind.
 
     Also reports stability: the overlap of the top heads found on two disjoint halves of the items.
@@ -95,11 +100,14 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
     if len(items) < 2:
         raise ValueError("head discovery needs at least 2 items")
     ob, cb = [], []
-    for it in tqdm(items, desc="head discovery", unit="item"):
-        ob.append(_head_relevance(model, tokenizer, it["question"], it["cf_answer"],
-                                  {"title": it["title"], "text": it["cf_text"]}))
-        cb.append(_head_relevance(model, tokenizer, it["question"], it["answer"], None))
-    ob, cb = torch.stack(ob), torch.stack(cb)  # (N, L, H)
+    with tqdm(total=len(items), desc="head discovery", unit="item") as bar:
+        for start in range(0, len(items), batch_size):
+            part = items[start:start + batch_size]
+            ob.append(_head_relevance(model, tokenizer, [(it["question"], it["cf_answer"],
+                                                          {"title": it["title"], "text": it["cf_text"]}) for it in part]))
+            cb.append(_head_relevance(model, tokenizer, [(it["question"], it["answer"], None) for it in part]))
+            bar.update(len(part))
+    ob, cb = torch.cat(ob), torch.cat(cb)  # (N, L, H)
 
     def tops(sel) -> dict:
         d = ob[sel].mean(0) - cb[sel].mean(0)
@@ -154,7 +162,8 @@ def cmd_discover(args) -> int:
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)
-    result = discover_heads(model, tok, n_items=args.n_items, top=args.top, seed=args.seed, kind=args.kind)
+    result = discover_heads(model, tok, n_items=args.n_items, top=args.top, seed=args.seed, kind=args.kind,
+                            batch_size=args.batch_size)
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1))
     png = plot_heads(result, args.plot or out.with_suffix(".png"))
@@ -178,4 +187,5 @@ def register_heads(sub) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the counterfactual answer assignment")
     d.add_argument("--out", required=True, help="output JSON")
     d.add_argument("--plot", help="output PNG (default: next to the JSON)")
+    d.add_argument("--batch-size", type=int, default=8, help="prompts attributed together (default 8)")
     d.set_defaults(func=cmd_discover)

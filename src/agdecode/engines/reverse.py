@@ -59,6 +59,45 @@ def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tenso
     return token_rel, torch.stack(per_layer, dim=1)  # (n, L, H)
 
 
+def attribute_batch(model: nn.Module, seqs: Sequence[torch.Tensor], targets: torch.Tensor, attribution: str = "lrp",
+                    positive: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Relevance of one target logit per sequence at its last position, for a batch of sequences
+    of any lengths: per token (a list of ``(T_i,)``) and per attention head ``(B, layers, heads)``.
+
+    The sequences are left-padded into one forward; as rows never interact, one backward of the
+    sum of the targets gives each row its own gradient (padding gets none).
+
+    Example:
+        >>> tok_rel, head_rel = attribute_batch(model, [ids1, ids2], torch.tensor([42, 7]), positive=True)
+    """
+    from ..sources import left_pad
+
+    device = next(model.parameters()).device
+    ids, mask = left_pad([s.to(device) for s in seqs])
+    acts: list[torch.Tensor] = []
+    with contextlib.ExitStack() as stack:
+        adapter = get_adapter(model)
+        for layer in adapter.layers(model):
+            h = adapter.attention_output(layer).register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
+            stack.callback(h.remove)
+        stack.enter_context(frozen(model))
+        stack.enter_context(rules_for(model, attribution))
+        stack.enter_context(torch.enable_grad())
+        x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        mask = mask.to(device)
+        logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                       use_cache=False, logits_to_keep=1).logits[:, -1]                   # (B, V)
+        z = logits.gather(1, targets.to(device)[:, None]).sum()
+        grads = torch.autograd.grad(z, [x, *acts])
+    token_rel = (x.detach() * grads[0]).float().sum(-1)                                  # (B, T)
+    n_heads = adapter.head_shape(model)[1]
+    per_layer = []
+    for a, g in zip(acts, grads[1:]):
+        r = (a.detach() * g).float().unflatten(-1, (n_heads, -1))                        # (B, T, H, d)
+        per_layer.append((r.clamp(min=0) if positive else r).sum((1, 3)))
+    return [t[len(t) - len(s):] for t, s in zip(token_rel, seqs)], torch.stack(per_layer, dim=1)
+
+
 class ReverseEngine(CachedForward):
     """Plain cached logits; scores by a recompute with gradients and a batched backward per sequence.
 

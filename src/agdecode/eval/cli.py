@@ -11,6 +11,17 @@ __all__ = ["register_eval", "register_calibrate"]
 DEFAULTS = {"rules": {"data": "rules", "max_new_tokens": 256}, "qa": {"data": "triviaqa", "max_new_tokens": 48}}
 
 
+def _positive(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     from .methods import PRESETS
 
@@ -45,6 +56,8 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 is far faster on a CPU shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="conversations decoded together (default: 8 on CPU, 32 on CUDA)")
     p.set_defaults(func=cmd_run, task=task)
 
 
@@ -64,7 +77,8 @@ def cmd_run(args) -> int:
     extra = parse_set(args.set)
     specs = [EvalSpec(task=args.task, data=args.data, method=m, model=args.model, dtype=args.dtype, device=args.device,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit, roi=args.roi, extra=extra,
-                      on_error="skip" if args.skip_bad_lines else "fail", calibration=args.calibration)
+                      on_error="skip" if args.skip_bad_lines else "fail", calibration=args.calibration,
+                      batch_size=args.batch_size)
              for m in methods]
     from .runner import prepare
 
@@ -148,7 +162,7 @@ def cmd_calibrate(args) -> int:
         convs = convs[:args.limit]
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     record, _ = calibrate(model, tok, convs, percentile=args.percentile, max_new_tokens=args.max_new_tokens,
-                          data=data, progress=not args.no_progress)
+                          data=data, progress=not args.no_progress, batch_size=args.batch_size)
     record["model"]["cli_name"] = args.model
     path = save_calibration(record, args.out)
     shown = {k: v for k, v in record.items() if k != "histogram"}
@@ -179,4 +193,6 @@ def register_calibrate(sub) -> None:
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw the entropy histogram")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="conversations decoded together (default: 8 on CPU, 32 on CUDA)")
     p.set_defaults(func=cmd_calibrate)

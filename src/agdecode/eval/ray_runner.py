@@ -36,12 +36,14 @@ class _Worker:
 
         return resolve_for_model(self.model, gen, calibration)
 
-    def evaluate(self, item: dict, gen: dict) -> dict:
-        from .runner import evaluate_item
+    def evaluate(self, items: list[dict], gen: dict) -> list[dict]:
+        from .runner import default_batch_size, evaluate_items
 
-        rec = evaluate_item(self.model, self.tok, self.spec.task, item, gen, self.spec.seed)
-        rec["worker"] = os.getpid()
-        return rec
+        batch = self.spec.batch_size or default_batch_size(self.spec.device)
+        recs = list(evaluate_items(self.model, self.tok, self.spec.task, items, gen, self.spec.seed, batch))
+        for rec in recs:
+            rec["worker"] = os.getpid()
+        return recs
 
 
 class RayPool:
@@ -73,7 +75,7 @@ class RayPool:
         n = workers or (gpus if use_gpu else max(1, int(res.get("CPU", 1)) // cpus_per_worker))
         opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}
         actor = ray.remote(**opts)(_Worker)
-        self.calibration = spec.calibration
+        self.calibration, self.batch_size, self.use_gpu = spec.calibration, spec.batch_size, use_gpu
         self.actors = [actor.remote(asdict(spec), "cuda" if use_gpu else spec.device,
                                     None if use_gpu else cpus_per_worker) for _ in range(n)]
 
@@ -82,12 +84,17 @@ class RayPool:
         return self.ray.get(self.actors[0].resolve.remote(gen, self.calibration))
 
     def records(self, items: list[dict], gen: dict) -> Iterator[dict]:
-        """Records of ``items``, in the order they finish."""
+        """Records of ``items``, in the order their chunks finish (a chunk: one batch per actor call)."""
         from ray.util import ActorPool
+
+        from .runner import default_batch_size
 
         call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
         pool = ActorPool(self.actors)
-        yield from pool.map_unordered(lambda a, it: a.evaluate.remote(it, call), items)
+        n = self.batch_size or default_batch_size("cuda" if self.use_gpu else "cpu")
+        chunks = [items[i:i + n] for i in range(0, len(items), n)]
+        for recs in pool.map_unordered(lambda a, part: a.evaluate.remote(part, call), chunks):
+            yield from recs
 
     def close(self) -> None:
         for a in self.actors:

@@ -7,7 +7,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -16,15 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
-
 from .. import decoding
-from .datasets import qa_messages, render_documents
+from .datasets import qa_messages
 from .methods import resolve_method
 from .records import RunStore, summarize
 from .scoring import quality, response_logprob, score_qa, score_rules
 
-__all__ = ["EvalSpec", "evaluate_item", "prepare", "run_eval", "item_seed"]
+__all__ = ["EvalSpec", "evaluate_item", "evaluate_items", "default_batch_size", "prepare", "run_eval", "item_seed"]
 
 
 @dataclass
@@ -44,6 +41,12 @@ class EvalSpec:
     extra: dict = field(default_factory=dict)   # --set KEY=VALUE
     on_error: str = "fail"          # malformed input lines: "fail" or "skip"
     calibration: str | None = None  # calibration file for entropy_threshold="auto" (default: the cache)
+    batch_size: int | None = None   # sequences per forward pass (None: default_batch_size(device))
+
+
+def default_batch_size(device: str) -> int:
+    """Sequences decoded together: a GPU wants many rows; on a CPU a few already fill the cores."""
+    return 32 if str(device).startswith("cuda") else 8
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -54,10 +57,6 @@ def item_seed(seed: int, item_id: str) -> int:
         True
     """
     return (seed * 1_000_003 + zlib.crc32(item_id.encode())) % 2**31
-
-
-def _supports_documents() -> bool:
-    return "documents" in inspect.signature(decoding.generate).parameters
 
 
 def default_roi(task: str, items: list[dict]) -> str:
@@ -71,12 +70,7 @@ def _prompt(task: str, item: dict) -> tuple[list[dict], dict]:
     if task == "rules":
         return item["messages"], {}
     messages, docs = qa_messages(item), item.get("documents")
-    if not docs:
-        return messages, {}
-    if _supports_documents():
-        return messages, {"documents": docs}
-    # This generate() cannot take documents yet: put them in the user message as it would.
-    return messages[:-1] + [{"role": "user", "content": render_documents(docs, messages[-1]["content"])}], {}
+    return messages, ({"documents": docs} if docs else {})
 
 
 def evaluate_item(model, tokenizer, task: str, item: dict, gen_kwargs: dict, seed: int = 0) -> dict:
@@ -90,17 +84,50 @@ def evaluate_item(model, tokenizer, task: str, item: dict, gen_kwargs: dict, see
         ...                     {"method": "greedy", "max_new_tokens": 16})
         >>> rec["scores"]["recall"]
     """
-    s = item_seed(seed, item["id"])
+    return next(evaluate_items(model, tokenizer, task, [item], gen_kwargs, seed, batch_size=1))
+
+
+def evaluate_items(model, tokenizer, task: str, items: list[dict], gen_kwargs: dict, seed: int = 0,
+                   batch_size: int = 8) -> Iterator[dict]:
+    """Records of ``items``, in order, generated ``batch_size`` at a time.
+
+    Items are handed to ``generate`` in chunks of a few batches (a finished row's place goes to
+    the next item of the chunk), and each chunk's records are yielded when it ends, so an
+    interrupted run loses at most one chunk. A chunk that fails on its input (one prompt too long
+    for the model, an empty ROI) is redone item by item, so only the bad item gets an error record.
+    ``sample`` draws with a per-item seed, so it runs item by item.
+
+    Example:
+        >>> recs = list(evaluate_items(model, tok, "rules", items, {"method": "agd", "max_new_tokens": 64}))
+    """
+    per_item = gen_kwargs.get("method") == "sample"
+    chunk = 1 if per_item else batch_size * 4
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        t0 = time.perf_counter()
+        try:
+            results = _generate(model, tokenizer, task, part, gen_kwargs, seed, batch_size)
+        except ValueError as e:
+            if len(part) == 1:
+                yield {"id": part[0]["id"], "error": f"{type(e).__name__}: {e}", "seed": item_seed(seed, part[0]["id"])}
+                continue
+            yield from (evaluate_item(model, tokenizer, task, it, gen_kwargs, seed) for it in part)
+            continue
+        per = (time.perf_counter() - t0) / len(part)  # a batch's time, shared by its items
+        for item, res in zip(part, results):
+            yield _record(model, task, item, res, item_seed(seed, item["id"]), per)
+
+
+def _generate(model, tokenizer, task: str, items: list[dict], gen_kwargs: dict, seed: int, batch_size: int):
     kw = dict(gen_kwargs)
     if kw.get("method") == "sample":
-        kw.setdefault("seed", s)
-    messages, extra = _prompt(task, item)
-    torch.manual_seed(s)
-    t0 = time.perf_counter()
-    try:
-        res = decoding.generate(model, tokenizer, messages, **kw, **extra)
-    except ValueError as e:
-        return {"id": item["id"], "error": f"{type(e).__name__}: {e}", "seed": s}
+        kw.setdefault("seed", item_seed(seed, items[0]["id"]))
+    prompts = [_prompt(task, it) for it in items]
+    docs = [extra.get("documents") for _, extra in prompts]
+    return decoding.generate(model, tokenizer, [m for m, _ in prompts], documents=docs, batch_size=batch_size, **kw)
+
+
+def _record(model, task: str, item: dict, res, s: int, generate_s: float) -> dict:
     t1 = time.perf_counter()
     response = res.text.strip()
     if task == "rules":
@@ -119,7 +146,7 @@ def evaluate_item(model, tokenizer, task: str, item: dict, gen_kwargs: dict, see
         "trace": {"steps": len(res.steps), "guided": res.guided_steps, "overrides": len(res.overrides),
                   "gated": reasons.get("gate", 0), "reasons": reasons,
                   "mean_entropy": sum(ent) / len(ent) if ent else None, "prompt_tokens": len(res.prompt_ids)},
-        "timing": {"generate_s": res.seconds, "total_s": time.perf_counter() - t0, "score_s": time.perf_counter() - t1},
+        "timing": {"generate_s": generate_s, "score_s": time.perf_counter() - t1},
         "seed": s, "config": res.config,
     }
 
@@ -169,8 +196,7 @@ def _settings(spec: EvalSpec, data, gen: dict, identity: dict) -> dict:
 
 def _local_records(model, tok, spec: EvalSpec, todo: list[dict], gen: dict) -> Iterator[dict]:
     call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
-    for item in todo:
-        yield evaluate_item(model, tok, spec.task, item, call, spec.seed)
+    yield from evaluate_items(model, tok, spec.task, todo, call, spec.seed, spec.batch_size or default_batch_size(spec.device))
 
 
 def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ray: dict | None = None,
