@@ -107,11 +107,12 @@ FOLDER_CASES = {
                       ModelLoadError, "config.json must hold a JSON object, found list"),
     "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b'{"model_type": "\xff"}'),
                          ModelLoadError, "config.json is not a readable JSON file"),
-    "remote code (model)": (lambda d: _edit_json(d / "config.json", auto_map={"AutoModelForCausalLM": "m.Model"}),
-                            UnsafeModelError, r"config.json asks for the folder's own Python code \(auto_map"),
-    "remote code (tokenizer)": (lambda d: _edit_json(d / "tokenizer_config.json",
-                                                     auto_map={"AutoTokenizer": ["t.Tok", None]}),
-                                UnsafeModelError, "tokenizer_config.json asks for the folder's own Python code"),
+    "remote code (model)": (lambda d: _edit_json(d / "config.json", model_type="evil",
+                                                 auto_map={"AutoModelForCausalLM": "evil.Model"}),
+                            UnsafeModelError, r"config.json needs the folder's own Python code \(auto_map"),
+    "remote code (tokenizer)": (lambda d: _edit_json(d / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
+                                                     auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}),
+                                UnsafeModelError, "tokenizer_config.json needs the folder's own Python code"),
     "unknown model_type": (lambda d: _edit_json(d / "config.json", model_type="banana"),
                            ModelLoadError, "unknown model_type 'banana'"),
     "no model_type": (lambda d: _edit_json(d / "config.json", model_type=None),
@@ -126,16 +127,34 @@ FOLDER_CASES = {
 }
 
 
+EVIL = "raise SystemExit('the model folder code ran')\n"
+
+
 @pytest.mark.parametrize("case", sorted(FOLDER_CASES))
 def test_bad_folder(folder, tmp_path, monkeypatch, case):
     edit, error, match = FOLDER_CASES[case]
     d = _copy(folder, tmp_path / "model")
+    (d / "evil.py").write_text(EVIL)
     edit(d)
     # Never a y/N prompt (transformers asks one for remote code when it is not told False).
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("load_model prompted for input"))
     with pytest.raises(error, match=match) as info:
         load_model(d)
     assert isinstance(info.value, AgdError) and "\n" not in str(info.value)
+
+
+def test_auto_map_beside_a_builtin_type_loads_the_builtin(folder, tmp_path, monkeypatch):
+    # Many Hub repos (Phi-3, ...) declare both a model_type transformers implements and an auto_map:
+    # transformers' own code loads, the folder's never runs.
+    d = _copy(folder, tmp_path / "model")
+    (d / "evil.py").write_text(EVIL)
+    _edit_json(d / "config.json", auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"})
+    _edit_json(d / "tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.Tok", None]})
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("load_model prompted for input"))
+    model, tok = load_model(d)
+    assert type(model).__module__ == "transformers.models.llama.modeling_llama"
+    assert type(tok).__module__.startswith("transformers.")
+    assert "evil" not in sys.modules
 
 
 def _smollm2_gguf_bytes() -> bytes:
@@ -257,7 +276,7 @@ def test_hub_id_checked_like_a_folder(folder, tmp_path, monkeypatch):
 
     root = _hub_cache(tmp_path / "hf", folder, "evil/model")
     snapshot = next((root / "snapshots").iterdir())
-    _edit_json(snapshot / "config.json", auto_map={"AutoModelForCausalLM": "m.Model"})
+    _edit_json(snapshot / "config.json", model_type="evil", auto_map={"AutoModelForCausalLM": "evil.Model"})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UnsafeModelError, match="auto_map"):

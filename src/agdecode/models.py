@@ -136,14 +136,24 @@ def _check_model_type(model_type, where: str) -> None:
 
 def _check_folder(path: Path) -> None:
     """Refuse a folder that cannot load, or that would run its own code, before loading anything."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
     config = _read_json(path / "config.json")
     tok_config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    # An auto_map names the folder's own Python code. It is never run (trust_remote_code=False);
+    # where transformers implements the declared type itself (Phi-3 and others ship both), that
+    # implementation loads, otherwise the folder is refused here, not with a prompt later.
+    tok_class = tok_config.get("tokenizer_class")
+    needs_code = {"config.json": config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES,
+                  "tokenizer_config.json": tok_config.get("auto_map") and isinstance(tok_class, str)
+                  and tokenizer_class_from_name(tok_class) is None}
     for file, cfg in (("config.json", config), ("tokenizer_config.json", tok_config)):
-        if cfg.get("auto_map"):
+        if needs_code[file]:
             raise UnsafeModelError(
-                f"{path / file} asks for the folder's own Python code (auto_map: "
-                f"{', '.join(map(str, cfg['auto_map']))}); agdecode never runs a model's code. Use a model "
-                "whose architecture transformers implements itself.")
+                f"{path / file} needs the folder's own Python code (auto_map: "
+                f"{', '.join(map(str, cfg['auto_map']))}), which agdecode never runs; use a model whose "
+                "architecture and tokenizer transformers implements itself.")
     _check_model_type(config.get("model_type"), str(path / "config.json"))
     names = {p.name for p in path.iterdir()}
     if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
