@@ -2,8 +2,10 @@
 
 One small entry per architecture (in the manner of LXT's per-model patch maps). Nothing global is
 patched: module instances get a ``forward`` (or ``_norm``) override and the model switches to a
-registered attention function; leaving :func:`attnlrp` deletes the overrides and restores the
-attention implementation, so the model is bit-identical to before.
+registered attention function; leaving :func:`attnlrp` puts back exactly what each instance held
+before (or nothing) and the attention implementation, so the model is bit-identical to before.
+Modules dispatched by accelerate keep their device hooks: the rule replaces the hooked
+``_old_forward``, so the hook still moves inputs and loads offloaded weights around it.
 """
 from __future__ import annotations
 
@@ -144,15 +146,59 @@ def base_attention(adapter: Adapter, base: str) -> Callable:
     return adapter.module().eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
 
+def _configs(model: nn.Module) -> list:
+    """Every config whose attention implementation ``set_attn_implementation`` may change."""
+    found, todo = {}, [model.config]
+    todo += [m.config for m in model.modules() if m is not model and hasattr(m, "set_attn_implementation")]
+    while todo:
+        cfg = todo.pop()
+        if id(cfg) not in found:
+            found[id(cfg)] = cfg
+            todo += [sub for key in getattr(cfg, "sub_configs", {}) if (sub := getattr(cfg, key, None)) is not None]
+    return list(found.values())
+
+
 @contextlib.contextmanager
 def set_attention(model: nn.Module, name: str) -> Iterator[None]:
-    """Temporarily switch the model's attention implementation."""
-    old = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    """Temporarily switch the model's attention implementation; restore every (sub-)config exactly.
+
+    Example:
+        >>> with set_attention(model, "eager"):
+        ...     out = model(ids)
+    """
+    saved = [(cfg, cfg._attn_implementation_internal) for cfg in _configs(model)]
     try:
+        model.set_attn_implementation(name)
         yield
     finally:
-        model.set_attn_implementation(old)
+        # Written back directly: calling set_attn_implementation(old) would not restore
+        # sub-configs that held different values, and re-runs its checks.
+        for cfg, value in saved:
+            cfg._attn_implementation_internal = value
+
+
+_MISSING = object()
+
+
+def _override(mod: nn.Module, attr: str, fn: Callable) -> tuple[nn.Module, str, object]:
+    """Bind ``fn`` as ``mod.<attr>`` on the instance; return what to put back.
+
+    accelerate keeps its device hook in the instance ``forward`` (a wrapper calling
+    ``mod._old_forward``): the rule then goes into ``_old_forward``, inside the hook.
+    """
+    if attr == "forward" and "_hf_hook" in vars(mod) and "_old_forward" in vars(mod):
+        attr = "_old_forward"
+    saved = vars(mod).get(attr, _MISSING)
+    # Straight into the instance dict: nn.Module.__setattr__ could route a name elsewhere.
+    vars(mod)[attr] = types.MethodType(fn, mod)
+    return mod, attr, saved
+
+
+def _restore(mod: nn.Module, attr: str, saved: object) -> None:
+    if saved is _MISSING:
+        vars(mod).pop(attr, None)
+    else:
+        vars(mod)[attr] = saved
 
 
 @contextlib.contextmanager
@@ -162,6 +208,13 @@ def patched(model: nn.Module, norm: Callable, mlp: Callable, attention: str,
     registered attention implementation; undo everything on exit, even on error.
 
     ``norm`` replaces ``forward`` (Llama-style norms) or ``_norm`` (Gemma-style) per the adapter.
+    Whatever the instances held under those names before (accelerate's hook wrappers, anyone's
+    override) is put back as it was, and hooks registered with ``register_forward_hook`` and kin
+    keep running, since they live outside these attributes.
+
+    Example:
+        >>> with patched(model, norm_rule, mlp_rule, "sdpa"):
+        ...     out = model(ids)
     """
     adapter = get_adapter(model)
     module = adapter.module()
@@ -169,19 +222,18 @@ def patched(model: nn.Module, norm: Callable, mlp: Callable, attention: str,
     norm_attr = "_norm" if adapter.norm_style == "gemma" else "forward"
     rules = [(lambda m: isinstance(m, norm_cls), norm_attr, norm), (lambda m: isinstance(m, mlp_cls), "forward", mlp),
              *extra]
-    overridden: list[tuple[nn.Module, str]] = []
+    overridden: list[tuple[nn.Module, str, object]] = []
     try:
         for mod in model.modules():
             for matches, attr, fn in rules:
                 if matches(mod):
-                    setattr(mod, attr, types.MethodType(fn, mod))
-                    overridden.append((mod, attr))
+                    overridden.append(_override(mod, attr, fn))
                     break
         with set_attention(model, attention):
             yield model
     finally:
-        for mod, attr in overridden:
-            delattr(mod, attr)
+        for mod, attr, saved in reversed(overridden):
+            _restore(mod, attr, saved)
 
 
 def attnlrp(model: nn.Module, attention: str | None = None):

