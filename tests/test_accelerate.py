@@ -162,9 +162,6 @@ def test_attention_implementation_restored(tokenizer):
     assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="the engines take their device from next(model.parameters()), which cpu_offload "
-                          "leaves on 'meta'; they should use agdecode.models.input_device(model)")
 def test_cpu_offload(tokenizer, messages):
     plain = make_tiny("llama", len(tokenizer))
     want = _run(plain, tokenizer, messages, "agd", "forward")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import input_device
+
 __all__ = ["model_identity", "calibrate", "calibration_path", "save_calibration", "load_calibration",
            "calibrated_threshold", "CalibrationError", "BIN_WIDTH"]
 
@@ -91,7 +93,7 @@ def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, p
     if not conversations:
         raise ValueError("the calibration set is empty")
     entropies, start = [], time.perf_counter()
-    batch_size = batch_size or (32 if next(model.parameters()).device.type == "cuda" else 8)
+    batch_size = batch_size or (32 if input_device(model).type == "cuda" else 8)
     chunks = [conversations[i:i + 4 * batch_size] for i in range(0, len(conversations), 4 * batch_size)]
     bar = None
     if progress:

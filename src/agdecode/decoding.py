@@ -25,6 +25,7 @@ from .baselines import BASELINES, DOLA_REPETITION_PENALTY, baseline_row, describ
 from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
 from .errors import AgdError
+from .models import input_device
 from .roi import ROI, Prompt, Region, render_prompt, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
@@ -471,7 +472,7 @@ def _is_conversation(x) -> bool:
 
 
 def _default_batch_size(model: nn.Module) -> int:
-    return 32 if next(model.parameters()).device.type == "cuda" else 8
+    return 32 if input_device(model).type == "cuda" else 8
 
 
 def generate(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import forward_cached
+from .models import forward_cached, input_device
 
 __all__ = ["Row", "Source", "KVBatch", "CachedForward", "left_pad"]
 
@@ -71,7 +71,7 @@ class KVBatch:
 
     def __init__(self, model: nn.Module, prefill_chunk: int | None = None):
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.prefill_chunk = prefill_chunk
         self.cache = None
         self.mask: torch.Tensor | None = None  # (N, S) 1 = real token
@@ -193,7 +193,7 @@ class CachedForward(Source):
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.kv = KVBatch(model)
         self.ids: list[torch.Tensor] = []  # each live sequence's tokens so far (prompt + generated)
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..sources import CachedForward, Row
+from ..sources import CachedForward
 from ..roi import ROI, Prompt, ROIError, render_prompt, resolve_region, resolve_roi
 
 __all__ = ["CADSource", "context_free_prompt"]

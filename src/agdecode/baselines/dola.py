@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import final_norm
-from ..sources import CachedForward, Row
+from ..sources import CachedForward
 from . import BaselineError
 
 __all__ = ["DoLaSource", "candidate_layers", "js_divergence", "RELATIVE_TOP"]

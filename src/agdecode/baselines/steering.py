@@ -27,7 +27,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..adapters import decoder_layers
-from ..sources import CachedForward, Row
+from ..models import input_device
+from ..sources import CachedForward
 from ..roi import render_prompt
 from . import BaselineError
 
@@ -149,7 +150,7 @@ def fit_steering_vector(model: nn.Module, tokenizer, prompts: Sequence[str], ins
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError("instruction must be a non-empty string")
     layer = _check_layer(model, model.config.get_text_config().num_hidden_layers // 2 if layer is None else layer)
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     def residual(messages: list[dict]) -> torch.Tensor:
         ids = render_prompt(tokenizer, messages).input_ids.to(device)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from ..adapters import attnlrp

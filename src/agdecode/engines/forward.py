@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import get_adapter, patched, register_attention
+from ..models import input_device
 from ..sources import KVBatch, Row, Source, left_pad
 
 
@@ -180,7 +181,7 @@ class ForwardEngine(Source):
                  prefill_chunk: int | None = None):
         self.model, self.attribution, self.n_rois, self.heads = model, attribution, n_rois, heads
         self.width = 1 + n_rois
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         # Small chunks skip most of the causally masked score blocks (measured on CPU: 128 is
         # fastest); a GPU wants larger matmuls.
         self.kv = KVBatch(model, prefill_chunk or (512 if self.device.type == "cuda" else 128))

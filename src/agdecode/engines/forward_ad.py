@@ -25,7 +25,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..models import forward_cached
+from ..models import forward_cached, input_device
 from ..sources import Row, Source
 from . import rules_for
 
@@ -35,7 +35,7 @@ class _Sequence:
 
     def __init__(self, model: nn.Module, token_weights: torch.Tensor, prefill_chunk: int):
         self.model, self.token_weights, self.prefill_chunk = model, token_weights.float(), prefill_chunk
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.cache = None
         self.scores: torch.Tensor | None = None  # (R, V) ROI score of every token, current position
 

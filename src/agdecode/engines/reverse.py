@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
+from ..models import input_device
 from ..sources import CachedForward, Row
 from . import frozen, rules_for
 
@@ -72,7 +73,7 @@ def attribute_batch(model: nn.Module, seqs: Sequence[torch.Tensor], targets: tor
     """
     from ..sources import left_pad
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask = left_pad([s.to(device) for s in seqs])
     acts: list[torch.Tensor] = []
     with contextlib.ExitStack() as stack:

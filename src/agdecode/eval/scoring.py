@@ -12,6 +12,8 @@ import unicodedata
 
 import torch
 
+from ..models import input_device
+
 __all__ = ["score_rules", "normalize_answer", "recall", "recall_word", "score_qa", "repeat_rate",
            "response_logprob", "quality"]
 
@@ -139,7 +141,7 @@ def response_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> f
     """
     if not response_ids:
         return None
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
     logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()  # (n_response, V)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, len(prompt_ids):, None])
