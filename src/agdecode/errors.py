@@ -1,4 +1,4 @@
-"""The one base class of user-facing errors."""
+"""The one base class of the errors agdecode reports to people (the CLI prints them as one line)."""
 
 
 class AgdError(ValueError):

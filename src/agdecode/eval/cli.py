@@ -129,11 +129,19 @@ def register_eval(sub) -> None:
     _add_run_args(s.add_parser("rules", help="IFEval rules in the system message (prompt/instruction, strict/loose)"),
                   "rules")
     _add_run_args(s.add_parser("qa", help="answer recall, closed- or open-book"), "qa")
+    _add_sysbench(s)
     r = s.add_parser("report", help="tables and plots with bootstrap CIs and paired comparisons against greedy")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders containing them")
     r.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first RUN_DIR)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
     r.set_defaults(func=cmd_report)
+
+
+def _add_sysbench(sub) -> None:
+    from .sysbench import add_arguments
+
+    add_arguments(sub.add_parser("sysbench", help="SysBench-format dialogues checked by an OpenAI-compatible judge "
+                                                  "(CSR, ISR, SSR)"))
 
 
 def _conversations(spec: str) -> tuple[list[list[dict]], dict]:

