@@ -116,7 +116,7 @@ def _scripted(request: dict) -> str:
 def test_run_against_a_real_http_judge(tiny_llama, tmp_path):
     model, tok = tiny_llama
     with JudgeServer(_scripted) as server:
-        s = run_sysbench(_spec(server.url), tmp_path, model, tok, progress=False)
+        s = run_sysbench(_spec(server.url, batch_size=1), tmp_path, model, tok, progress=False)  # judged in order
         reqs = server.requests
     recs = _records(tmp_path / "greedy")
     assert len(recs) == 15 and len(reqs) == 15 and s["complete"]
@@ -142,13 +142,26 @@ def test_run_against_a_real_http_judge(tiny_llama, tmp_path):
     assert run["settings"]["judge"]["model"] == "canned" and run["settings"]["gt_history"] is False
 
 
+def test_dialogues_decoded_as_a_batch_equal_one_at_a_time(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+
+    def answers(d):
+        return {r["id"]: (r["response"], r["verdicts"]) for r in _records(d / "greedy")}
+
+    with JudgeServer(_scripted) as server:
+        one = run_sysbench(_spec(server.url, batch_size=1), tmp_path / "a", model, tok, progress=False)
+    with JudgeServer(_scripted) as server:
+        three = run_sysbench(_spec(server.url, batch_size=3), tmp_path / "b", model, tok, progress=False)
+    assert answers(tmp_path / "a") == answers(tmp_path / "b") and one["metrics"] == three["metrics"]
+
+
 def test_gt_history_and_a_custom_template(tiny_llama, tmp_path):
     model, tok = tiny_llama
     template = tmp_path / "judge.txt"
     template.write_text("H=$history|C=$criteria|N=$n")
     seen = []
     with JudgeServer(lambda r: seen.append(r["messages"][0]["content"]) or '["yes"]') as server:
-        s = run_sysbench(_spec(server.url, gt_history=True, template=str(template), limit=1), tmp_path, model, tok,
+        s = run_sysbench(_spec(server.url, gt_history=True, template=str(template), limit=1, batch_size=1), tmp_path, model, tok,
                          progress=False)
     assert seen[0] == "H=(none)|C=1. The reply is written in English.\n2. The reply stays in the pirate role.\n" \
                       "3. The reply is under 80 words.|N=3"
@@ -187,13 +200,13 @@ def test_judge_going_down_mid_run_stops_clearly_and_the_run_resumes_without_losi
     calls = _count_generate(monkeypatch)
     with JudgeServer(fail_after=3) as server:
         with pytest.raises(JudgeError, match=r"cannot be reached.*run the same command again to resume"):
-            run_sysbench(_spec(server.url, limit=2), tmp_path, model, tok, progress=False)
+            run_sysbench(_spec(server.url, limit=2, batch_size=1), tmp_path, model, tok, progress=False)
     recs = _records(tmp_path / "greedy")
     assert [r["id"] for r in recs] == ["1:1", "1:2", "1:3", "1:4"] and len(calls) == 4
     assert all(r["verdicts"] for r in recs[:3]) and recs[3]["verdicts"] is None
     assert "cannot be reached" in recs[3]["judge"]["error"] and recs[3]["response"] is not None
     with JudgeServer() as server:  # the judge is back, at another address
-        s = run_sysbench(_spec(server.url, limit=2), tmp_path, model, tok, progress=False)
+        s = run_sysbench(_spec(server.url, limit=2, batch_size=1), tmp_path, model, tok, progress=False)
         assert len(server.requests) == 7
     assert len(calls) == 10  # turn 1:4 was judged from its record, not decoded again
     recs = _records(tmp_path / "greedy")

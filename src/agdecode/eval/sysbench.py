@@ -356,14 +356,11 @@ def sysbench_metrics(records: list[dict]) -> dict:
 # --- decoding and the run ------------------------------------------------------------------------------------
 
 def decode(model, tokenizer, conversations: list[list[dict]], gen_kwargs: dict) -> list:
-    """Replies (``GenerationResult``) to several conversations: the one place this module decodes.
-
-    Today one ``generate`` call per conversation; when ``generate`` takes a list of conversations
-    (batched decoding), this becomes a single call.
-    """
+    """Replies (``GenerationResult``) to several conversations, decoded as one batch: the one place
+    this module decodes."""
     from .. import decoding
 
-    return [decoding.generate(model, tokenizer, conv, **gen_kwargs) for conv in conversations]
+    return decoding.generate(model, tokenizer, list(conversations), batch_size=len(conversations), **gen_kwargs)
 
 
 @dataclass
@@ -382,7 +379,7 @@ class SysBenchSpec:
     roi: str | None = None        # default: the system message
     extra: dict = field(default_factory=dict)
     calibration: str | None = None
-    batch_size: int = 1           # dialogues decoded side by side (turn by turn); >1 once generate is batched
+    batch_size: int = 8           # dialogues decoded side by side (turn by turn)
 
 
 def _latest(store) -> dict[str, dict]:
@@ -530,6 +527,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="maximum tokens per reply (default 512)")
     p.add_argument("--limit", type=int, default=None, help="only the first N dialogues")
+    p.add_argument("--batch-size", type=int, default=8, help="dialogues decoded together, turn by turn (default 8)")
     p.add_argument("--roi", default=None, help="ROI of the AGD methods (default: system)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="any further generate() argument")
     p.add_argument("--calibration", default=None, metavar="FILE", help="calibration file for the *-auto methods")
@@ -548,7 +546,8 @@ def cmd_sysbench(args) -> int:
     out = Path(args.out or f"runs/sysbench-{Path(args.data).stem}{'-gt' if args.gt_history else ''}")
     specs = [SysBenchSpec(data=args.data, method=m, judge=judge, gt_history=args.gt_history, model=args.model,
                           dtype=args.dtype, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                          roi=args.roi, extra=parse_set(args.set), calibration=args.calibration) for m in methods]
+                          roi=args.roi, extra=parse_set(args.set), calibration=args.calibration,
+                          batch_size=args.batch_size) for m in methods]
     # Refuse a bad file, method or template before loading the model.
     from .methods import resolve_method
 
