@@ -1,10 +1,22 @@
-"""``agd bench``: seconds per token and peak memory of greedy vs AGD engines, measured in one run.
+"""``agd bench``: speed and memory of greedy vs AGD, with the modes interleaved in one process.
 
-Each (mode, prompt length) runs in a fresh subprocess so that peak memory (the process's
-high-water mark on CPU, ``max_memory_allocated`` on CUDA) belongs to that mode alone. Prompts are
-seeded random token ids (architecture-agnostic, works for random-init models); the ROI is their
-first quarter, standing in for a system prompt. Every mode decodes exactly ``new_tokens`` tokens
-(end-of-sequence does not stop it). Timings: one warm-up, then the median of ``repeats``.
+Two measurements, each in fresh subprocesses:
+
+- **latency** (default): one sequence, prompts of ``--lengths`` tokens, ``--new-tokens`` tokens
+  each. Per length, one process holds the model and runs ``--rounds`` rounds; every round times
+  each mode once, in alternation (greedy, AGD, greedy, AGD ...), twice: the prompt alone (prefill:
+  one token) and the whole generation. Load on a shared machine then hits all modes alike; the
+  headline ratio is the ratio of the wall-clock medians, with the spread of the per-round ratios.
+  Peak memory comes from one more process per mode (a process's high-water mark is its own).
+- **throughput** (``--throughput``): ``--batch-sizes`` sequences at once, prompts of mixed
+  lengths (``--prompt-range``), generated tokens per second for greedy (transformers' batched
+  ``model.generate``, left-padded) and the AGD modes, prefill and decode separately, interleaved
+  the same way.
+
+Prompts are seeded random token ids (architecture-agnostic; works for random-init models); the ROI
+is each prompt's first quarter, standing in for a system prompt. Every mode decodes exactly the
+number of tokens asked (end-of-sequence does not stop it). Every timed run is written to the JSON,
+so any figure can be recomputed from it.
 """
 from __future__ import annotations
 
@@ -54,47 +66,84 @@ def _load(args):
     return load_model(args.model, dtype=dtype, device=args.device)[0]
 
 
-def _worker(args) -> dict:
-    """Time one mode at one prompt length in this process; return the measurements."""
-    from .decoding import AGDConfig, generate_ids
+def _prompts(model, lengths: list[int], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return [torch.randint(min(1000, vocab // 4), vocab - 1, (n,), generator=gen) for n in lengths]
 
+
+def _decode(model, mode: str, prompts: list[torch.Tensor], n_tokens: int, device: str) -> int:
+    """Generate ``n_tokens`` for every prompt at once with ``mode``; return the number of guided steps."""
+    from .decoding import AGDConfig, Decoder, Job, _engine_row, run
+    from .roi import Region
+    from .sources import left_pad
+
+    if mode == "greedy":  # transformers' own batched generate, left-padded
+        ids, mask = left_pad(prompts)
+        with torch.no_grad():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_tokens,
+                           min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
+        return 0
+    cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[mode])
+    jobs = []
+    for p in prompts:
+        roi = torch.zeros(len(p))
+        roi[: max(1, len(p) // 4)] = 1.0
+        region = Region("roi", roi)
+        jobs.append(Job(_engine_row(p, [region]), [region], max_new_tokens=n_tokens))
+    run(Decoder(model, None, cfg), jobs, len(jobs))
+    return sum(s.reason == "attribution" for j in jobs for s in j.steps)
+
+
+def _timed(fn, device: str) -> tuple[float, float, int]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def _worker(args) -> dict:
+    """Interleaved timing rounds (or one memory run) in this process; returns every run."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
     with torch.no_grad():  # page every weight in (safetensors are memory-mapped) before taking the base
         model(torch.zeros(1, 1, dtype=torch.long, device=args.device))
     base = torch.cuda.memory_allocated() / 2**20 if args.device.startswith("cuda") else _rss_mib()
-    gen = torch.Generator().manual_seed(args.length)
-    vocab = model.config.vocab_size
-    ids = torch.randint(min(1000, vocab // 4), vocab - 1, (1, args.length), generator=gen).to(args.device)
-    roi = torch.zeros(args.length, dtype=torch.bool)
-    roi[: max(1, args.length // 4)] = True
-    n = args.reverse_tokens if args.mode == "agd-reverse" else args.new_tokens
+    if args.throughput:
+        lo, hi = args.prompt_range
+        cases = [(b, _prompts(model, [int(n) for n in torch.randint(lo, hi + 1, (b,),
+                                                                     generator=torch.Generator().manual_seed(b))], b))
+                 for b in args.batch_sizes]
+    else:
+        cases = [(1, _prompts(model, [args.length], args.length))]
+    modes = [args.mode] if args.memory_mode else args.modes
 
-    def once(n_tokens: int) -> tuple[float, int]:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        if args.mode == "greedy":
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-                               pad_token_id=0)
-            guided = 0
-        else:
-            cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[args.mode])
-            guided = generate_ids(model, ids, {"roi": roi}, cfg).guided_steps
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, time.process_time() - c0, guided
+    def tokens(mode: str) -> int:
+        return args.reverse_tokens if mode == "agd-reverse" else args.new_tokens
 
-    once(min(n, 2))  # warm-up at the same prompt length (also sets the memory high-water mark)
+    runs = []
+    for b, prompts in cases:  # warm-up: each mode once, short
+        for mode in modes:
+            _decode(model, mode, prompts, 2, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    runs = [once(n) for _ in range(args.repeats)]
-    seconds, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    return dict(mode=args.mode, length=args.length, new_tokens=n, repeats=args.repeats, seconds=seconds,
-                s_per_token=seconds / n, cpu_s_per_token=cpu / n, guided_steps=runs[0][2],
-                peak_mib=_peak_mib(args.device), base_mib=base)
+    for r in range(1 if args.memory_mode else args.rounds):
+        for b, prompts in cases:
+            for mode in modes:  # interleaved: every round runs every mode, in the same order
+                for phase, n in (("prefill", 1), ("total", tokens(mode))):
+                    if args.memory_mode and phase == "prefill":
+                        continue
+                    wall, cpu, guided = _timed(lambda: _decode(model, mode, prompts, n, args.device), args.device)
+                    runs.append(dict(round=r, mode=mode, batch=b, phase=phase, new_tokens=n, wall_s=wall, cpu_s=cpu,
+                                     guided_steps=guided, prompt_tokens=[len(p) for p in prompts]))
+    out = dict(length=args.length, runs=runs, base_mib=base)
+    if args.memory_mode:
+        out.update(mode=args.mode, peak_mib=_peak_mib(args.device))
+    return out
 
 
 def _machine(args) -> dict:
@@ -105,80 +154,192 @@ def _machine(args) -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
-                dtype=args.dtype, model=args.random_init and f"random-init:{args.random_init}" or args.model)
+                dtype=args.dtype, model=args.random_init and f"random-init:{args.random_init}" or args.model,
+                command="agd bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def _table(results: list[dict], machine: dict, args) -> str:
-    # On a CPU with one thread per run, CPU seconds measure the work done even when other processes
-    # share the machine; wall-clock seconds (also reported) do not. On a GPU, wall clock it is.
-    key = "cpu_s_per_token" if machine["device"] == "cpu" and args.threads == 1 else "s_per_token"
-    lines = [f"# agd bench: {machine['model']} on {machine.get('gpu') or machine['cpu']} ({machine['device']}, "
-             f"{machine['dtype']})", "",
-             f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads; "
-             f"{args.new_tokens} new tokens (reverse engine: {args.reverse_tokens}), median of {args.repeats} "
-             "after one warm-up. ROI = first quarter of a random-token prompt. `agd-reverse` and `agd-forward` "
-             "attribute k=5 candidates at every step (min_prob=0); `agd_e-forward` is the paper's setting "
-             "(min_prob 0.05, entropy gate 1.734). Peak memory: whole process (CPU: max RSS; CUDA: "
-             "max allocated), and in brackets the part above the loaded model. Ratios use "
-             + ("CPU seconds (one thread per run; robust to other load on the machine)." if key == "cpu_s_per_token"
-                else "wall-clock seconds."), "",
-             "| prompt | mode | wall s/token | CPU s/token | x greedy | peak MiB (above model) | x greedy (above model) |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    by = {(r["length"], r["mode"]): r for r in results}
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def summarize(runs: list[dict], key: tuple = ("batch",)) -> dict:
+    """Per (key..., mode): medians and min-max of wall and CPU seconds, prefill and decode apart.
+
+    Decode time of a run = its total minus the same round's prefill of the same mode; per-round
+    ratios to greedy give the spread of the headline ratio (ratio of the medians).
+    """
+    def k(r):
+        return tuple(r[x] for x in key)
+
+    by: dict = {}
+    for r in runs:
+        by.setdefault((k(r), r["mode"], r["round"]), {})[r["phase"]] = r
+    out: dict = {}
+    for (kk, mode, rnd), ph in by.items():
+        if "total" not in ph:
+            continue
+        t, p = ph["total"], ph.get("prefill")
+        cell = out.setdefault(kk, {}).setdefault(mode, {"wall": [], "cpu": [], "prefill_wall": [], "decode_wall": [],
+                                                        "rounds": {}, "tokens": t["new_tokens"] * t["batch"],
+                                                        "decode_steps": max(t["new_tokens"] - 1, 1)})
+        cell["wall"].append(t["wall_s"])
+        cell["cpu"].append(t["cpu_s"])
+        cell["rounds"][rnd] = t["wall_s"]
+        if p is not None:
+            cell["prefill_wall"].append(p["wall_s"])
+            cell["decode_wall"].append(t["wall_s"] - p["wall_s"])
+    table: dict = {}
+    for kk, modes in out.items():
+        g = modes.get("greedy")
+        for mode, c in modes.items():
+            row = {"wall_s": _stats(c["wall"]), "cpu_s": _stats(c["cpu"]), "tokens": c["tokens"],
+                   "tokens_per_s": c["tokens"] / statistics.median(c["wall"])}
+            if c["prefill_wall"]:
+                row["prefill_s"] = _stats(c["prefill_wall"])
+                row["decode_s_per_step"] = _stats([d / c["decode_steps"] for d in c["decode_wall"]])
+            if g is not None:
+                row["x_greedy_wall"] = statistics.median(c["wall"]) / statistics.median(g["wall"]) \
+                    * (g["tokens"] / c["tokens"])  # per token (the reverse engine decodes fewer)
+                row["x_greedy_cpu"] = statistics.median(c["cpu"]) / statistics.median(g["cpu"]) * (g["tokens"] / c["tokens"])
+                per_round = [c["rounds"][r] / g["rounds"][r] * (g["tokens"] / c["tokens"])
+                             for r in c["rounds"] if r in g["rounds"]]
+                row["x_greedy_wall_rounds"] = {"min": min(per_round), "max": max(per_round)}
+                if c["prefill_wall"] and g["prefill_wall"]:
+                    row["x_greedy_prefill"] = statistics.median(c["prefill_wall"]) / statistics.median(g["prefill_wall"])
+                    row["x_greedy_decode"] = statistics.median(c["decode_wall"]) / statistics.median(g["decode_wall"]) \
+                        * (g["decode_steps"] / c["decode_steps"])
+            table.setdefault(kk, {})[mode] = row
+    return table
+
+
+def _latency_table(summary: dict, memory: dict, machine: dict, args) -> str:
+    lines = [f"# agd bench (latency): {machine['model']} on {machine.get('gpu') or machine['cpu']} "
+             f"({machine['device']}, {machine['dtype']})", "",
+             f"`{machine['command']}`", "",
+             f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads; one "
+             f"sequence, {args.new_tokens} new tokens (reverse engine: {args.reverse_tokens}); {args.rounds} rounds "
+             "with the modes interleaved, after a warm-up; median [min-max] over rounds. `x greedy` = ratio of the "
+             "wall-clock medians per token, [min-max] of the per-round ratios. Prefill = the prompt alone (one token); "
+             "decode = the rest, per step. `agd-reverse` and `agd-forward` attribute k=5 candidates at every step "
+             "(min_prob=0); `agd_e-forward` is the paper's setting (min_prob 0.05, entropy gate 1.734). Peak memory: "
+             "whole process of a separate run (CPU: max RSS; CUDA: max allocated), in brackets above the loaded model.",
+             "", "| prompt | mode | wall s/token | CPU s/token | x greedy (wall) | x greedy (CPU) | prefill s | "
+             "x greedy prefill | decode s/step | x greedy decode | peak MiB (above model) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for length in args.lengths:
-        g = by.get((length, "greedy"))
+        rows = summary.get((length,), {})
         for mode in args.modes:
-            r = by.get((length, mode))
+            r = rows.get(mode)
             if r is None:
                 continue
-            extra = r["peak_mib"] - r["base_mib"]
-            if g:
-                gx = g["peak_mib"] - g["base_mib"]
-                ratios = (f"{r[key] / g[key]:.2f}",
-                          f"{r['peak_mib'] / g['peak_mib']:.2f} ({extra / max(gx, 1e-9):.2f})")
-            else:
-                ratios = ("", "")
-            lines.append(f"| {length} | {mode} | {r['s_per_token']:.4f} | {r['cpu_s_per_token']:.4f} | {ratios[0]} | "
-                         f"{r['peak_mib']:.0f} ({extra:.0f}) | {ratios[1]} |")
-        f, rv = by.get((length, "agd-forward")), by.get((length, "agd-reverse"))
+            n = r["tokens"]
+            w, c = r["wall_s"], r["cpu_s"]
+            mem = memory.get((length, mode))
+            memtxt = f"{mem['peak_mib']:.0f} ({mem['peak_mib'] - mem['base_mib']:.0f})" if mem else ""
+            xr = r.get("x_greedy_wall_rounds")
+            lines.append(
+                f"| {length} | {mode} | {w['median'] / n:.4f} [{w['min'] / n:.4f}-{w['max'] / n:.4f}] | "
+                f"{c['median'] / n:.4f} | "
+                + (f"**{r['x_greedy_wall']:.2f}** [{xr['min']:.2f}-{xr['max']:.2f}] | {r['x_greedy_cpu']:.2f} | "
+                   if "x_greedy_wall" in r else "| | ")
+                + (f"{r['prefill_s']['median']:.3f} | {r.get('x_greedy_prefill', float('nan')):.2f} | "
+                   f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_greedy_decode', float('nan')):.2f} | "
+                   if "prefill_s" in r else "| | | | ")
+                + f"{memtxt} |")
+        f, rv = rows.get("agd-forward"), rows.get("agd-reverse")
         if f and rv:
-            lines.append(f"| {length} | forward speed-up over reverse | | | {rv[key] / f[key]:.1f}x | | |")
+            sp = (rv["wall_s"]["median"] / rv["tokens"]) / (f["wall_s"]["median"] / f["tokens"])
+            lines.append(f"| {length} | forward speed-up over reverse (wall, per token) | | | {sp:.1f}x | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
-def run_bench(args) -> list[dict]:
-    """Run every (length, mode) in its own subprocess and write JSON + markdown under ``args.out``."""
+def _throughput_table(summary: dict, machine: dict, args) -> str:
+    lo, hi = args.prompt_range
+    lines = [f"# agd bench (throughput): {machine['model']} on {machine.get('gpu') or machine['cpu']} "
+             f"({machine['device']}, {machine['dtype']})", "",
+             f"`{machine['command']}`", "",
+             f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads; "
+             f"batches of B sequences with prompts of {lo}-{hi} tokens (seeded), {args.new_tokens} new tokens each; "
+             f"{args.rounds} rounds with the modes interleaved; medians. Greedy is transformers' batched "
+             "`model.generate` (left-padded); AGD modes as in the latency table. Generated tokens/s = B x new tokens "
+             "/ wall seconds; `gain` = tokens/s at B over tokens/s at batch 1 of the same mode.", "",
+             "| B | mode | tokens/s | x greedy tokens/s | gain over B=1 | gain / greedy's gain | prefill s | "
+             "x greedy prefill | decode s/step | x greedy decode |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    one = summary.get((args.batch_sizes[0],), {}) if args.batch_sizes[0] == 1 else {}
+    for b in args.batch_sizes:
+        rows = summary.get((b,), {})
+        g = rows.get("greedy")
+        for mode in args.modes:
+            r = rows.get(mode)
+            if r is None:
+                continue
+            x = r["tokens_per_s"] / g["tokens_per_s"] if g else float("nan")
+            gain = r["tokens_per_s"] / one[mode]["tokens_per_s"] if mode in one else float("nan")
+            ggain = g["tokens_per_s"] / one["greedy"]["tokens_per_s"] if g and "greedy" in one else float("nan")
+            lines.append(f"| {b} | {mode} | {r['tokens_per_s']:.1f} | {x:.2f} | {gain:.2f} | {gain / ggain:.2f} | "
+                         f"{r['prefill_s']['median']:.2f} | {r.get('x_greedy_prefill', float('nan')):.2f} | "
+                         f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_greedy_decode', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _subprocess(args, extra: list[str]) -> dict | None:
+    from tqdm import tqdm
+
+    cmd = [sys.executable, "-m", "agdecode.bench", "--worker", "--model", args.model, "--device", args.device,
+           "--dtype", args.dtype, "--new-tokens", str(args.new_tokens), "--reverse-tokens", str(args.reverse_tokens),
+           "--rounds", str(args.rounds), "--modes", *args.modes, "--batch-sizes", *map(str, args.batch_sizes),
+           "--prompt-range", *map(str, args.prompt_range)] + extra \
+        + (["--random-init", args.random_init] if args.random_init else []) \
+        + (["--threads", str(args.threads)] if args.threads else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tqdm.write(f"{' '.join(extra)}: FAILED\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(args) -> dict:
+    """Run the measurements in subprocesses; write JSON (every run) + markdown under ``args.out``."""
     from tqdm import tqdm
 
     machine = _machine(args)
     print(json.dumps(machine))
-    results = []
-    jobs = [(length, mode) for length in args.lengths for mode in args.modes]
-    for length, mode in tqdm(jobs, desc="bench", unit="run"):
-        cmd = [sys.executable, "-m", "agdecode.bench", "--worker", "--mode", mode, "--length", str(length),
-               "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-               "--new-tokens", str(args.new_tokens), "--reverse-tokens", str(args.reverse_tokens),
-               "--repeats", str(args.repeats)] + (["--random-init", args.random_init] if args.random_init else []) \
-            + (["--threads", str(args.threads)] if args.threads else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tqdm.write(f"{mode} @ {length}: FAILED\n{proc.stderr[-2000:]}")
-            continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        tqdm.write(f"{mode:>14} @ {length:>5}: {r['s_per_token']:.4f} s/token, peak {r['peak_mib']:.0f} MiB")
-    table = _table(results, machine, args)
-    print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (args.random_init or args.model).replace("/", "_") + f"-{args.device.split(':')[0]}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(machine=machine, results=results), indent=1))
+    stem = (args.random_init or args.model).replace("/", "_") + f"-{args.device.split(':')[0]}-{args.dtype}"
+    if args.throughput:
+        res = _subprocess(args, ["--throughput"])
+        runs = res["runs"] if res else []
+        summary = summarize(runs, ("batch",))
+        table = _throughput_table(summary, machine, args)
+        data = dict(machine=machine, runs=runs, summary={str(k[0]): v for k, v in summary.items()})
+        stem += "-throughput"
+    else:
+        runs, memory = [], {}
+        jobs = [(length, None) for length in args.lengths]
+        if args.memory:
+            jobs += [(length, mode) for length in args.lengths for mode in args.modes]
+        for length, mode in tqdm(jobs, desc="bench", unit="process"):
+            res = _subprocess(args, ["--length", str(length)] + (["--memory-mode", "--mode", mode] if mode else []))
+            if res is None:
+                continue
+            if mode:
+                memory[(length, mode)] = {"peak_mib": res["peak_mib"], "base_mib": res["base_mib"]}
+            else:
+                runs += [dict(r, length=length) for r in res["runs"]]
+        summary = summarize(runs, ("length",))
+        table = _latency_table(summary, memory, machine, args)
+        data = dict(machine=machine, runs=runs, summary={str(k[0]): v for k, v in summary.items()},
+                    memory=[dict(length=l, mode=m, **v) for (l, m), v in memory.items()])
+        stem += "-latency"
+    print(table)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     (out / f"{stem}.md").write_text(table)
     print(f"written: {out / (stem + '.json')}, {out / (stem + '.md')}")
-    return results
+    return data
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -188,27 +349,33 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", choices=list(SHAPES), help="use a randomly initialised model of this shape")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="prompt lengths in tokens")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="latency: prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--reverse-tokens", type=int, default=4,
                    help="tokens for the slow reverse engine (default 4; each is a full recompute)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median; default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="what to measure")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="latency: skip the peak-memory runs")
+    p.add_argument("--throughput", action="store_true", help="measure batched throughput instead of latency")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="throughput: batch sizes")
+    p.add_argument("--prompt-range", type=int, nargs=2, default=[256, 512], metavar=("MIN", "MAX"),
+                   help="throughput: prompt lengths drawn from this range (default 256 512)")
     p.add_argument("--out", default="docs/bench", help="folder for the JSON and markdown results")
 
 
 def register_bench(sub) -> None:
-    p = sub.add_parser("bench", help="speed and memory of greedy vs AGD engines (ratios from one run)",
-                       description=__doc__)
+    p = sub.add_parser("bench", help="speed and memory of greedy vs AGD (modes interleaved in one process)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_args(p)
     p.set_defaults(func=lambda args: (run_bench(args), 0)[1])
 
 
-if __name__ == "__main__":  # the per-measurement subprocess
+if __name__ == "__main__":  # the measuring subprocess
     parser = argparse.ArgumentParser()
     _add_args(parser)
     parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--memory-mode", action="store_true")
     parser.add_argument("--mode", choices=list(MODES))
     parser.add_argument("--length", type=int)
     a = parser.parse_args()
