@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import AgdError
+
 __all__ = ["model_identity", "calibrate", "calibration_path", "save_calibration", "load_calibration",
            "calibrated_threshold", "CalibrationError", "BIN_WIDTH"]
 
@@ -26,7 +28,7 @@ _VOLATILE = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transform
              "_attn_implementation_autoset", "attn_implementation", "_attn_implementation"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(AgdError):
     """No calibration for this model, or one made for another model."""
 
 

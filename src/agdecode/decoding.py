@@ -21,7 +21,8 @@ from .baselines import BASELINES, describe_vector, make_source, validate_setting
 from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
 from .engines.reverse import CachedForward
-from .roi import ROI, Prompt, Region, render_prompt, resolve_region
+from .errors import AgdError
+from .roi import ROI, Prompt, Region, parse_rois, render_prompt, resolve_region
 from .trace import Candidate, GenerationResult, Step
 
 __all__ = ["AGDConfig", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError", "METHODS"]
@@ -30,7 +31,7 @@ METHODS = ("agd", "greedy") + BASELINES
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
 
 
-class NonFiniteLogitsError(FloatingPointError):
+class NonFiniteLogitsError(FloatingPointError, AgdError):
     """The model produced NaN or infinite logits."""
 
 
@@ -81,6 +82,7 @@ class AGDConfig:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
         validate_settings(self)
         return self
 

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .adapters import get_adapter
 from .engines.reverse import attribute
+from .errors import AgdError
 from .heads import KINDS, model_key
 from .roi import render_prompt
 
@@ -61,7 +63,7 @@ def discovery_items(n: int | None = None, seed: int = 0) -> list[dict]:
     for item, donor in zip(items, donors + donors):
         cf = donor["answer"] if donor["answer"].lower() != item["answer"].lower() else "Zanzibar"
         item["cf_answer"], item["cf_text"] = cf, item["text"].replace(item["answer"], cf)
-    return items[:n] if n else items
+    return items if n is None else items[:n]
 
 
 def _head_relevance(model, tokenizer, question: str, target: str, document: dict | None) -> torch.Tensor:
@@ -90,10 +92,15 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
         >>> result["top"]["in-context"][:3]
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise AgdError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 2:
+        raise AgdError(f"head discovery needs n_items >= 2 (one half for each stability check), got {n_items!r}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise AgdError(f"top must be a positive number of heads, got {top!r}")
+    n_layers, n_heads = get_adapter(model).head_shape(model)
+    if top > n_layers * n_heads:
+        raise AgdError(f"top={top} is more heads than the model has ({n_layers} layers x {n_heads} heads)")
     items = discovery_items(n_items, seed)
-    if len(items) < 2:
-        raise ValueError("head discovery needs at least 2 items")
     ob, cb = [], []
     for it in tqdm(items, desc="head discovery", unit="item"):
         ob.append(_head_relevance(model, tokenizer, it["question"], it["cf_answer"],
@@ -151,8 +158,14 @@ def plot_heads(result: dict, path: str | Path) -> Path:
 
 
 def cmd_discover(args) -> int:
+    from .cli import check_writable
     from .models import load_model
 
+    if args.n_items < 2:
+        raise AgdError(f"--n-items must be at least 2 (one half for each stability check), got {args.n_items}")
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     model, tok = load_model(args.model, device=args.device)
     result = discover_heads(model, tok, n_items=args.n_items, top=args.top, seed=args.seed, kind=args.kind)
     out = Path(args.out)
@@ -166,6 +179,7 @@ def cmd_discover(args) -> int:
 
 
 def register_heads(sub) -> None:
+    from .eval.cli import positive_int
     p = sub.add_parser("heads", help="attention-head ROIs: discover parametric / in-context heads")
     hs = p.add_subparsers(dest="heads_command", required=True)
     d = hs.add_parser("discover", help="score every head (Atlas procedure) and write the top ones as JSON + PNG",
@@ -173,8 +187,8 @@ def register_heads(sub) -> None:
     d.add_argument("--kind", choices=KINDS, default="parametric", help="which list 'heads:FILE' uses by default")
     d.add_argument("--model", default="smollm2", help="model to analyse (default smollm2)")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--n-items", type=int, default=200, help="NQ items (each: one open-book and one closed-book pass)")
-    d.add_argument("--top", type=int, default=10, help="heads per kind to keep (default 10)")
+    d.add_argument("--n-items", type=positive_int, default=200, help="NQ items (each: one open-book and one closed-book pass)")
+    d.add_argument("--top", type=positive_int, default=10, help="heads per kind to keep (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed of the counterfactual answer assignment")
     d.add_argument("--out", required=True, help="output JSON")
     d.add_argument("--plot", help="output PNG (default: next to the JSON)")

