@@ -106,16 +106,20 @@ def _messages(args) -> list[dict]:
     return msgs + [{"role": "user", "content": args.prompt}]
 
 
-def check_writable(path: str | Path, what: str = "output") -> None:
+def check_writable(path: str | Path, what: str = "output", create_parents: bool = False) -> None:
     """Refuse an output path that cannot be written, before any compute (the result would be lost).
+
+    With ``create_parents`` the writer makes missing folders, so the nearest existing one must be writable.
 
     Example:
         >>> check_writable("trace.json", "--json")
     """
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = p.parent
     if p.is_dir():
         raise AgdError(f"{what} {str(path)!r} is a directory; give a file name.")
+    if create_parents:
+        parent = next(a for a in p.absolute().parents if a.exists())
     if not parent.is_dir():
         raise AgdError(f"{what} {str(path)!r}: the directory {str(parent)!r} does not exist.")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
@@ -216,7 +220,18 @@ def cmd_steer_fit(args) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AgdError(f"--prompts {args.prompts}: cannot read it as a UTF-8 text file ({e})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not [p for p in prompts if p.strip()]:
+        raise AgdError("no prompts: give user prompts with --prompt TEXT (repeatable) or --prompts FILE")
+    if not args.instruction.strip():
+        raise AgdError("--instruction is empty")
+    if args.layer is not None and args.layer < 0:
+        raise AgdError(f"--layer must be >= 0, got {args.layer}")
+    check_writable(args.out, "--out")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = fit_steering_vector(model, tok, prompts, args.instruction, layer=args.layer, placement=args.placement)
     path = vector.save(args.out)

