@@ -121,7 +121,8 @@ def check_writable(path: str | Path, what: str = "output", create_parents: bool 
     if create_parents:
         parent = next(a for a in p.absolute().parents if a.exists())
     if not parent.is_dir():
-        raise AgdError(f"{what} {str(path)!r}: the directory {str(parent)!r} does not exist.")
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise AgdError(f"{what} {str(path)!r}: the directory {str(parent)!r} {state}.")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise AgdError(f"{what} {str(path)!r} is not writable.")
 
