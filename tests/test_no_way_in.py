@@ -67,3 +67,35 @@ def test_the_ifeval_checker_never_comes_from_the_current_directory(tmp_path, mon
     monkeypatch.setattr(sys, "path", ["", str(tmp_path), *sys.path])
     found = ifeval._checker_dir()
     assert tmp_path not in found.parents and found.name == "ifeval" and (found / "instructions_registry.py").is_file()
+
+
+def test_library_code_leaves_global_state_alone(monkeypatch, tmp_path, tokenizer):
+    """No plot backend chosen, no global RNG reseeded, no NLTK search path added by library code."""
+    import matplotlib
+    import nltk
+    import numpy as np
+    import torch
+
+    from agdecode.calibrate import plot_histogram
+    from agdecode.discovery import plot_heads
+    from agdecode.eval.runner import evaluate_item
+    from agdecode.eval.scoring import score_rules
+    from agdecode.shapes import random_model
+
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("library code called matplotlib.use"))
+    rng, paths = torch.random.get_rng_state(), list(nltk.data.path)
+    assert score_rules(["change_case:capital_word_frequency"], [{"capital_frequency": 1, "capital_relation": "at least"}],
+                       "HELLO there. Fine.")["inst_strict"] == [True]
+    random_model("tiny-llama")
+    model = make_tiny("llama", len(tokenizer))
+    torch.random.set_rng_state(rng)  # make_tiny (a test helper) seeds on purpose
+    evaluate_item(model, tokenizer, "qa", {"id": "1", "question": "capital of france", "answers": ["Paris"]},
+                  {"method": "greedy", "max_new_tokens": 2})
+    record = {"histogram": {"counts": [1, 3, 2], "bin_width": 0.5, "start": 0.0}, "threshold": 1.0, "percentile": 80,
+              "fraction_guided": {"calibrated": 0.2, "paper_1.734": 0.1}, "model": {"model_type": "llama"},
+              "n_steps": 6, "data": {"n_items": 2, "name": "x"}}
+    assert plot_histogram(record, tmp_path / "h.png").stat().st_size > 1000
+    heads = {"scores": {"D": np.arange(8.0).reshape(2, 4).tolist()}, "top": {"in-context": [[1, 3]],
+             "parametric": [[0, 0]]}, "top_n": 1, "model": "tiny", "data": {"n_items": 2}}
+    assert plot_heads(heads, tmp_path / "d.png").stat().st_size > 1000
+    assert torch.equal(torch.random.get_rng_state(), rng) and nltk.data.path == paths

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from .adapters import get_adapter
 from .engines.reverse import attribute
 from .errors import AgdError
-from .heads import KINDS, model_key
+from .heads import KINDS
+from .identity import model_identity, model_key
 from .roi import render_prompt
 
 __all__ = ["discovery_items", "discover_heads", "plot_heads"]
@@ -117,6 +118,7 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
     a, b = tops(slice(0, half)), tops(slice(half, None))
     return {
         "model": model_key(model),
+        "identity": model_identity(model),  # a head set is only used for the model it was found on
         "kind": kind,
         "procedure": "D = mean_OB-counterfactual R+_h(cf answer) - mean_CB R+_h(gold answer); R+ = positive AttnLRP "
                      "relevance at the o_proj input, summed over head dim and positions; first answer token",
@@ -131,14 +133,12 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
 
 def plot_heads(result: dict, path: str | Path) -> Path:
     """Heatmap (layer x head) of D with the chosen heads marked; written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report.style import new_figure
 
     d = torch.tensor(result["scores"]["D"])
     lim = float(d.abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(6.5, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
+    fig = new_figure(figsize=(max(6.5, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
+    ax = fig.subplots()
     im = ax.imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for kind, marker in (("in-context", "o"), ("parametric", "s")):
         pts = result["top"][kind]
@@ -153,7 +153,6 @@ def plot_heads(result: dict, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .identity import model_key, same_model  # model_key re-exported
 from .roi import ROIError
 
 __all__ = ["head_mask", "model_key", "parse_head_spec", "read_head_file", "shipped_heads", "KINDS"]
@@ -22,27 +23,25 @@ __all__ = ["head_mask", "model_key", "parse_head_spec", "read_head_file", "shipp
 KINDS = ("parametric", "in-context")
 
 
-def model_key(model: nn.Module) -> str:
-    """A short name identifying the model's weights, used to find shipped head sets.
+def shipped_heads(model: nn.Module) -> dict | None:
+    """The head-discovery result shipped for this model, or None (also for a model that only shares its folder name).
 
     Example:
-        >>> model_key(agdecode.load_model("smollm2")[0])
-        'smollm2-135m-instruct-fp32'
+        >>> shipped_heads(model)["top"]["in-context"][:2]
     """
-    return Path(str(getattr(model.config, "_name_or_path", "") or "")).name or type(model).__name__
-
-
-def shipped_heads(model: nn.Module) -> dict | None:
-    """The head-discovery result shipped for this model, or None."""
     path = resources.files("agdecode") / "data" / "heads" / f"{model_key(model)}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return found if same_model(found.get("identity"), model) else None
 
 
-def read_head_file(path: str | Path, kind: str | None = None) -> list[list[int]]:
+def read_head_file(path: str | Path, kind: str | None = None, model: nn.Module | None = None) -> list[list[int]]:
     """The (layer, head) pairs of a head-set file (``agd heads discover`` output, or ``{"heads": [[L, H], ...]}``).
 
     Every problem is an :class:`~agdecode.roi.ROIError` that names the file; the layer and head
-    ranges are checked against the model later, in :func:`head_mask`.
+    ranges are checked against the model later, in :func:`head_mask`. With ``model``, a file written by
+    ``agd heads discover`` for another model (its ``identity``) is refused.
 
     Example:
         >>> read_head_file("heads.json", "in-context")[:2]
@@ -59,6 +58,10 @@ def read_head_file(path: str | Path, kind: str | None = None) -> list[list[int]]
     if not isinstance(data, dict):
         raise ROIError(f"Head-set file {path}: expected a JSON object with 'heads' (or 'top', as written by "
                        f"`agd heads discover`), got a {type(data).__name__}.")
+    if model is not None and "identity" in data and not same_model(data["identity"], model):
+        found = data["identity"].get("name_or_path") if isinstance(data["identity"], dict) else None
+        raise ROIError(f"Head-set file {path} was found for another model ({found!r}); run `agd heads discover` "
+                       "for this one.")
     if "heads" in data:
         pairs = data["heads"]
     else:
@@ -80,7 +83,7 @@ def _check_pairs(pairs, where: str) -> list[list[int]]:
     return [list(p) for p in pairs]
 
 
-def parse_head_spec(spec: str) -> list[list[int]] | None:
+def parse_head_spec(spec: str, model: nn.Module | None = None) -> list[list[int]] | None:
     """Check a head spec without the model: explicit ``layer.head`` pairs are parsed, a file is read.
 
     Returns the pairs, or None for a shipped set name (resolved against the model).
@@ -93,7 +96,7 @@ def parse_head_spec(spec: str) -> list[list[int]] | None:
         return None
     if spec.split("#")[0].endswith(".json"):
         file, _, kind = spec.partition("#")
-        return read_head_file(file, kind or None)
+        return read_head_file(file, kind or None, model)
     if not re.fullmatch(r"\d{1,6}\.\d{1,6}(,\d{1,6}\.\d{1,6})*", spec):
         raise ROIError(f"Cannot parse head ROI 'heads:{spec[:40]}'; expected {', '.join(KINDS)}, a .json file, "
                        "or layer.head pairs like '3.1,4.5'.")
@@ -112,7 +115,7 @@ def head_mask(spec: str, model: nn.Module) -> torch.Tensor:
         [[3, 1], [4, 5]]
     """
     n_layers, n_heads = get_adapter(model).head_shape(model)
-    pairs = parse_head_spec(spec)
+    pairs = parse_head_spec(spec, model)
     if pairs is None:
         found = shipped_heads(model)
         if found is None:
