@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-import agdecode
 from agdecode import AgdError, ROI, generate
 from agdecode.cli import main
 from conftest import make_tiny

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from .errors import AgdError
