@@ -300,7 +300,8 @@ def test_cli_steer_fit_then_generate(model_dir, tmp_path, capsys):
     trace = tmp_path / "t.json"
     for extra in (["--method", "steer", "--steer-vector", str(vec), "--steer-weight", "2"],
                   ["--method", "cad", "--cad-alpha", "1.0"], ["--method", "dola", "--dola-layers", "0,1"]):
-        assert main(["generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2", "--json", str(trace),
+        assert main(["generate", "Hi", "--system", "Always answer in French.", "--model", str(model_dir),
+                     "--max-new-tokens", "2", "--json", str(trace),
                      *extra]) == 0
         data = json.loads(trace.read_text())
         assert data["config"]["method"] == extra[1] and all(s["reason"] == extra[1] for s in data["steps"])

@@ -199,8 +199,8 @@ def test_stop_strings_end_a_row_at_the_right_token(llama):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda m, t: generate(m, t, []), "conversations is empty"),
-    (lambda m, t: generate(m, t, [CONVS[0], []]), "conversation 1 must be a non-empty list"),
+    (lambda m, t: generate(m, t, []), "messages must be a non-empty list"),
+    (lambda m, t: generate(m, t, [CONVS[0], []]), "conversation 1: messages must be a non-empty list"),
     (lambda m, t: generate(m, t, CONVS, documents=DOCS[:2]), "documents has 2 entries for 3 conversations"),
     (lambda m, t: generate(m, t, CONVS, batch_size=0), "batch_size must be an integer >= 1"),
     (lambda m, t: generate(m, t, CONVS, k=10**9), "larger than the model's vocabulary"),

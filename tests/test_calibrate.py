@@ -100,6 +100,6 @@ def test_cli_calibrate_and_auto(two_models, tmp_path, cache, capsys):
                  "--no-progress", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "50th percentile of 8 greedy-step entropies" in out and png.stat().st_size > 5000
-    assert main(["generate", "Hi", "--model", str(d), "--entropy-threshold", "auto", "--max-new-tokens", "2"]) == 0
-    with pytest.raises(SystemExit):
-        main(["generate", "Hi", "--model", str(d), "--entropy-threshold", "high"])
+    assert main(["generate", "Hi", "--system", "Be brief.", "--model", str(d), "--entropy-threshold", "auto",
+                 "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "Hi", "--model", str(d), "--entropy-threshold", "high"]) == 2

@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
 def test_generate_compare_writes_both_traces(model_dir, tmp_path, capsys):
     out = tmp_path / "trace.json"
-    rc = main(["generate", "Hello", "--model", str(model_dir), "--compare", "--min-prob", "0", "--k", "3",
+    rc = main(["generate", "Hello", "--system", "Be brief.", "--model", str(model_dir), "--compare", "--min-prob", "0", "--k", "3",
                "--max-new-tokens", "4", "--json", str(out)])
     assert rc == 0
     shown = capsys.readouterr().out

@@ -35,7 +35,7 @@ def test_bad_settings(llama, messages, kwargs, match):
     ("assistant", "no 'assistant' message"),
     ("message:5", "there are only 2 messages"),
     ("chars:0-100000", "is not in the prompt"),
-    ("chars:20-10", "is not in the prompt"),
+    ("chars:20-10", "needs A < B"),
     ("tokens:999", r"outside the prompt"),
     ("banana", "Cannot parse ROI"),
     ("tokens:a-b", "Cannot parse ROI"),
@@ -69,7 +69,7 @@ def test_messages_for_a_model_without_chat_template(llama, messages):
 def test_malformed_messages(llama):
     with pytest.raises(ROIError, match="message 0 must be a dict"):
         generate(*llama, [{"content": "no role"}], max_new_tokens=1)
-    with pytest.raises(ValueError, match="conversations is empty"):
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):
         generate(*llama, [], max_new_tokens=1)
 
 
@@ -118,7 +118,7 @@ def test_missing_default_model_wheel_says_what_to_install(monkeypatch, tmp_path)
 def test_cli_reports_errors_without_a_traceback(capsys):
     from agdecode.cli import main
 
-    assert main(["generate", "hi", "--model", "/does/not/exist"]) == 2
+    assert main(["generate", "hi", "--roi", "user", "--model", "/does/not/exist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("agd: error: Model '/does/not/exist' not found") and "Traceback" not in err
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from agdecode import ROIError
 from agdecode.cli import main
 from agdecode.eval import methods
 from agdecode.eval.data import ItemFileError, parse_lines, read_items
@@ -85,16 +86,17 @@ def test_open_book_nq_uses_the_evaluation_split_only():
         load_items("nq", "rules")
 
 
-def test_method_names_settings_and_unavailable_methods(monkeypatch):
+def test_method_names_settings_and_unknown_methods():
     kw = methods.resolve_method("agd-gated@user", roi="system", extra={"k": 3}, max_new_tokens=8)
     assert kw == {"method": "agd", "max_new_tokens": 8, "attribution": "lrp", "entropy_threshold": 1.734,
                   "roi": "user", "k": 3}
     assert methods.resolve_method("greedy", roi="system", max_new_tokens=8) == {"method": "greedy", "max_new_tokens": 8}
     with pytest.raises(methods.MethodUnavailableError, match="Unknown method 'nope'"):
         methods.resolve_method("nope")
-    monkeypatch.setattr("agdecode.decoding.METHODS", ("agd", "greedy"))
-    with pytest.raises(methods.MethodUnavailableError, match="'cad' .* is not available in this version"):
-        methods.resolve_method("cad")
+    with pytest.raises(methods.MethodUnavailableError, match=r"no argument\(s\) \['kk'\]"):
+        methods.resolve_method("greedy", extra={"kk": 3})
+    with pytest.raises(ROIError, match="Cannot parse ROI 'banana'"):
+        methods.resolve_method("agd@banana")
     assert methods.parse_set(["k=3", "roi=user", "cad_alpha=1.0"]) == {"k": 3, "roi": "user", "cad_alpha": 1.0}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         methods.parse_set(["k"])

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.mark.timeout(300)
-def test_ray_two_workers_match_a_local_run(tokenizer, tmp_path):
+def test_ray_two_workers_match_a_local_run(tokenizer, tmp_path, monkeypatch):
     d = tmp_path / "tiny"
     model = make_tiny("llama", len(tokenizer))
     model.save_pretrained(d)
@@ -22,9 +22,19 @@ def test_ray_two_workers_match_a_local_run(tokenizer, tmp_path):
     data.write_text("".join(json.dumps(it) + "\n" for it in items))
     spec = dict(task="qa", data=str(data), method="agd", model=str(d), max_new_tokens=3, roi="user")
 
+    from agdecode.eval import ray_runner
+
+    auth, close = [], ray_runner.RayPool.close
+
+    def checked_close(self):  # while the instance runs: it requires its token
+        auth.append(ray_runner.token_auth_enabled())
+        close(self)
+
+    monkeypatch.setattr(ray_runner.RayPool, "close", checked_close)
     local = run_eval(EvalSpec(**spec), tmp_path / "local", progress=False)
     sharded = run_eval(EvalSpec(**spec, batch_size=2), tmp_path / "ray", progress=False,  # 3 chunks of 2
                        ray={"workers": 2, "cpus_per_worker": 1, "num_cpus": 2})
+    assert auth == [True]
 
     def records(root):
         return {r["id"]: r for r in map(json.loads, (root / "agd" / "records.jsonl").read_text().splitlines())}
@@ -38,3 +48,14 @@ def test_ray_two_workers_match_a_local_run(tokenizer, tmp_path):
     settings = [json.loads((tmp_path / r / "agd" / "run.json").read_text())["settings"] for r in ("local", "ray")]
     assert settings[0] == settings[1]
     assert not ray.is_initialized()  # the local cluster it started is shut down
+
+
+def test_a_local_ray_instance_without_authentication_is_refused(monkeypatch, tmp_path):
+    from agdecode import AgdError
+    from agdecode.eval.ray_runner import RayPool
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    spec = EvalSpec(task="qa", data="nq", method="greedy")
+    with pytest.raises(AgdError, match="listens on all network interfaces, without authentication"):
+        RayPool(spec, workers=1, cpus_per_worker=1, num_cpus=1)
+    assert not ray.is_initialized()

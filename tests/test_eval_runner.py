@@ -143,3 +143,43 @@ def test_cli_runs_reports_and_checks_calibration_first(tiny_llama, qa_file, tmp_
     assert json.loads((tmp_path / "runs" / "agd@user" / "run.json").read_text())["settings"]["generate"]["k"] == 2
     assert main(["eval", "report", str(tmp_path / "runs")]) == 0
     assert "| agd@user | 3 |" in capsys.readouterr().out and (tmp_path / "runs" / "report.md").is_file()
+
+
+def test_resumed_run_with_a_smaller_limit_or_foreign_records_counts_only_the_asked_items(tiny_llama, qa_file,
+                                                                                         tmp_path, capsys):
+    model, tok = tiny_llama
+    assert run_eval(_spec(qa_file, limit=4), tmp_path, model, tok, progress=False)["n"] == 4
+    assert run_eval(_spec(qa_file, limit=2), tmp_path, model, tok, progress=False)["n"] == 2
+    foreign = {**_records(tmp_path / "greedy")[0], "id": "not-in-the-data"}
+    with open(tmp_path / "greedy" / "records.jsonl", "a") as f:
+        f.write(json.dumps(foreign) + "\n")
+    s = run_eval(_spec(qa_file), tmp_path, model, tok, progress=False)
+    assert s["n"] == 5 and s["n_errors"] == 0
+    assert "1 record(s) of items not asked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, True])
+def test_a_limit_that_is_not_a_positive_count_is_refused(qa_file, limit):
+    from agdecode import AgdError
+
+    with pytest.raises(AgdError, match="must be a positive number of items"):
+        run_eval(_spec(qa_file, limit=limit), "/nonexistent/never-written", progress=False)
+
+
+def test_scorer_errors_are_reported_on_the_console(tiny_llama, tmp_path, monkeypatch, capsys):
+    from agdecode.cli import main
+    from agdecode.eval import scoring
+
+    model, tok = tiny_llama
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+
+    def broken(instruction_id, kwargs, prompt, response):  # a checker bug, as an unknown kwarg would cause
+        raise TypeError("build_description() got an unexpected keyword argument 'nope'")
+
+    monkeypatch.setattr(scoring, "_check", broken)
+    assert main(["eval", "rules", "--method", "greedy", "--model", str(d), "--max-new-tokens", "2", "--limit", "2",
+                 "--no-progress", "--out", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: greedy: the rule checker raised on 2 item(s)" in err

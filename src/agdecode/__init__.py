@@ -8,6 +8,7 @@ Example:
     >>> out.text
 """
 from .adapters import UnsupportedArchitectureError, attnlrp, get_adapter
+from .errors import AgdError
 from .decoding import AGDConfig, NonFiniteLogitsError, compare, entropy, generate
 from .models import ModelNotFoundError, load_model
 from .roi import ROI, ROIError, render_prompt, resolve_roi
@@ -15,7 +16,7 @@ from .trace import GenerationResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "AGDConfig", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "ROI", "ROIError",
+    "AGDConfig", "AgdError", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "ROI", "ROIError",
     "UnsupportedArchitectureError", "attnlrp", "compare", "entropy", "generate", "get_adapter", "load_model",
     "render_prompt", "resolve_roi",
 ]

@@ -18,12 +18,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import AgdError
 from .rules import identity_rule, stop_gradient, uniform_rule
 
 __all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "UnsupportedArchitectureError"]
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(AgdError):
     """The model's architecture has no AttnLRP adapter."""
 
 

@@ -9,55 +9,30 @@ in the user cache. A calibration is only ever used for the model it was made wit
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
+from .errors import AgdError
+from .identity import model_identity, same_model
 from .models import input_device
 
 __all__ = ["model_identity", "calibrate", "calibration_path", "save_calibration", "load_calibration",
            "calibrated_threshold", "CalibrationError", "BIN_WIDTH"]
 
 BIN_WIDTH = 0.05  # nats per histogram bin
-_VOLATILE = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
-             "_attn_implementation_autoset", "attn_implementation", "_attn_implementation"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(AgdError):
     """No calibration for this model, or one made for another model."""
 
 
 def _model_hint(model: nn.Module) -> str:
     name = str(getattr(model.config, "_name_or_path", "") or "")
     return "smollm2" if name.rstrip("/").endswith("smollm2-135m-instruct-fp32") else (name or "<model folder>")
-
-
-@torch.no_grad()
-def model_identity(model: nn.Module) -> dict:
-    """Who a model is: its type, where it was loaded from, and a fingerprint of its config and weights.
-
-    The fingerprint hashes the config (minus paths, dtype and versions) and the first values of a
-    few weight tensors rounded to bf16, so the same weights in fp32 or bf16, or moved to another
-    folder, keep their identity, while any other model gets another.
-
-    Example:
-        >>> model_identity(model)["fingerprint"][:12]
-        '3f9c0a51d2e4'
-    """
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    params = [p for _, p in model.named_parameters()]
-    for p in (params[0], params[len(params) // 2], params[-1]):
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().flatten()[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return {"model_type": getattr(model.config, "model_type", type(model).__name__),
-            "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
-            "fingerprint": h.hexdigest()}
 
 
 def calibration_path(model: nn.Module) -> Path:
@@ -166,7 +141,7 @@ def load_calibration(model: nn.Module, path: str | Path | None = None) -> dict:
             "entropy_threshold=1.734 (the paper's value).")
     record = json.loads(path.read_text())
     mine, theirs = model_identity(model), record.get("model", {})
-    if theirs.get("fingerprint") != mine["fingerprint"]:
+    if not same_model(theirs, model):
         raise CalibrationError(
             f"The calibration {path} was made for another model ({theirs.get('model_type')} "
             f"{theirs.get('name_or_path')!r}, fingerprint {str(theirs.get('fingerprint'))[:12]}), not for this "
@@ -192,17 +167,15 @@ def plot_histogram(record: dict, path: str | Path, title: str | None = None) -> 
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report.style import PALETTE, method_color, rc_params, save_png
+    from .report.style import PALETTE, method_color, new_figure, rc_params, save_png
 
     hist = record["histogram"]
     counts = np.asarray(hist["counts"], dtype=float)
     edges = hist["start"] + hist["bin_width"] * np.arange(len(counts) + 1)
     frac = record["fraction_guided"]
-    with plt.rc_context(rc_params()):
-        fig, ax = plt.subplots()
+    with matplotlib.rc_context(rc_params()):
+        fig = new_figure()
+        ax = fig.subplots()
         ax.stairs(counts / counts.sum() / hist["bin_width"], edges, fill=True, color=method_color("greedy"), alpha=0.6)
         ax.axvline(record["threshold"], color=PALETTE["threshold"], lw=1.6,
                    label=f"{record['percentile']:g}th percentile = {record['threshold']:.2f} nats "

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-__all__ = ["main"]
+from .errors import AgdError
 
-DEMO_SYSTEM = "Always answer in French."
-DEMO_USER = "Tell me about cats."
+__all__ = ["main", "check_writable"]
+
+BUG_REPORT = ("agd: internal error: this is a bug in agdecode, not a problem with your input; please report it "
+              "with the command you ran and the traceback above.")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -17,9 +21,10 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     from .engines import ENGINES
 
     d = AGDConfig()
-    p.add_argument("prompt", nargs="?", default=DEMO_USER, help=f"the user message (default: {DEMO_USER!r})")
-    p.add_argument("--system", default=DEMO_SYSTEM,
-                   help=f"the system message, the default ROI (default: {DEMO_SYSTEM!r}; '' for none)")
+    p.add_argument("prompt", nargs="?", default=None, help="the user message")
+    p.add_argument("--system", default=None,
+                   help="a system message (default: none), e.g. 'Always answer in French.'; the default ROI "
+                        "is the system message, so without one pass --roi (e.g. user, heads:parametric)")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (built-in SmolLM2-135M-Instruct), a local HF model folder, or a .gguf file")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32; bf16 moves ROI scores ~2-3%%)")
@@ -45,7 +50,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help=f"how scores are computed (default {d.engine})")
     p.add_argument("--max-new-tokens", type=int, default=64, help="maximum tokens to generate (default 64)")
     p.add_argument("--compare", action="store_true", help="run greedy and AGD and show them side by side")
-    p.add_argument("--json", metavar="FILE", help="write the full result(s) with the per-step trace to FILE")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the full result(s) with the per-step trace to FILE ('-': standard output, the "
+                        "text view then goes to standard error)")
     _add_baseline_args(p.add_argument_group("baselines (each flag is read by one --method)"), d)
 
 
@@ -99,30 +106,105 @@ def _messages(args) -> list[dict]:
     return msgs + [{"role": "user", "content": args.prompt}]
 
 
+def check_writable(path: str | Path, what: str = "output", create_parents: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any compute (the result would be lost).
+
+    With ``create_parents`` the writer makes missing folders, so the nearest existing one must be writable.
+
+    Example:
+        >>> check_writable("trace.json", "--json")
+    """
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        raise AgdError(f"{what} {str(path)!r} is a directory; give a file name.")
+    if create_parents:
+        parent = next(a for a in p.absolute().parents if a.exists())
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise AgdError(f"{what} {str(path)!r}: the directory {str(parent)!r} {state}.")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise AgdError(f"{what} {str(path)!r} is not writable.")
+
+
+def _read_documents(path: str) -> list:
+    try:
+        docs = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AgdError(f"--documents {path}: cannot read a JSON list of documents ({e})") from None
+    from .roi import render_documents
+
+    render_documents(docs, "")  # the same checks (and messages) as generate(documents=...)
+    if not docs:
+        raise AgdError(f"--documents {path}: the list of documents is empty.")
+    return docs
+
+
+def _check_generate_args(args) -> dict:
+    """Everything that can be checked without the model, checked before it loads; returns the documents."""
+    from .decoding import AGDConfig
+    from .heads import parse_head_spec
+    from .roi import parse_rois
+
+    if args.prompt is None:
+        raise AgdError('give the user message, e.g. agd generate "Tell me about cats." '
+                       '--system "Always answer in French." (see agd generate --help)')
+    rois = args.roi or ["system"]
+    if not args.system and not args.roi and (args.compare or args.method in ("agd", "cad")):
+        raise AgdError("the default ROI is the system message, and there is none: pass one with --system "
+                       "(e.g. --system \"Always answer in French.\") or choose another ROI with --roi (e.g. user).")
+    for expr in parse_rois(rois):
+        for term in expr:
+            if term.roi.kind == "heads":
+                parse_head_spec(term.roi.value[0])  # a head-set file is read (and checked) now
+    if not args.compare and args.steer_vector and not Path(args.steer_vector).is_file():
+        raise AgdError(f"--steer-vector {args.steer_vector!r} not found (create one with `agd steer fit`).")
+    methods = ("greedy", "agd") if args.compare else (args.method,)
+    for m in methods:
+        settings = {} if args.compare else _baseline_settings(args)
+        try:
+            AGDConfig(method=m, roi=rois, k=args.k, min_prob=args.min_prob,
+                      entropy_threshold=args.entropy_threshold, attribution=args.attribution, engine=args.engine,
+                      max_new_tokens=args.max_new_tokens, **settings).validate()
+        except AgdError:
+            raise
+        except ValueError as e:  # the settings' own checks, worded for the API: still a bad input here
+            raise AgdError(str(e)) from None
+    if args.json and args.json != "-":
+        check_writable(args.json, "--json")
+    return {"documents": _read_documents(args.documents)} if args.documents else {}
+
+
+def _write_json(path: str, payload) -> None:
+    text = json.dumps(payload, ensure_ascii=False, indent=1)
+    if path == "-":
+        print(text)
+    else:
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"trace written to {path}")
+
+
 def cmd_generate(args) -> int:
+    from rich.console import Console
+
     from . import generate, load_model
     from .report.terminal import print_comparison, print_result
 
+    extra = _check_generate_args(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(roi=args.roi or ["system"], k=args.k, min_prob=args.min_prob, entropy_threshold=args.entropy_threshold,
-              attribution=args.attribution, engine=args.engine, max_new_tokens=args.max_new_tokens)
+              attribution=args.attribution, engine=args.engine, max_new_tokens=args.max_new_tokens, **extra)
     messages = _messages(args)
-    if args.documents:
-        try:
-            kw["documents"] = json.loads(Path(args.documents).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--documents {args.documents}: cannot read a JSON list of documents ({e})") from None
+    console = Console(stderr=True) if args.json == "-" else None  # stdout carries the JSON
     if args.compare:
         results = {m: generate(model, tok, messages, method=m, **kw) for m in ("greedy", "agd")}
-        print_comparison(messages, results["greedy"], results["agd"])
+        print_comparison(messages, results["greedy"], results["agd"], console=console)
     else:
         results = {args.method: generate(model, tok, messages, method=args.method, **kw, **_baseline_settings(args))}
-        print_result(results[args.method])
+        print_result(results[args.method], console=console)
     if args.json:
         payload = {m: r.to_dict() for m, r in results.items()}
-        Path(args.json).write_text(json.dumps(payload if args.compare else payload[args.method],
-                                              ensure_ascii=False, indent=1))
-        print(f"trace written to {args.json}")
+        _write_json(args.json, payload if args.compare else payload[args.method])
     return 0
 
 
@@ -139,7 +221,18 @@ def cmd_steer_fit(args) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AgdError(f"--prompts {args.prompts}: cannot read it as a UTF-8 text file ({e})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not [p for p in prompts if p.strip()]:
+        raise AgdError("no prompts: give user prompts with --prompt TEXT (repeatable) or --prompts FILE")
+    if not args.instruction.strip():
+        raise AgdError("--instruction is empty")
+    if args.layer is not None and args.layer < 0:
+        raise AgdError(f"--layer must be >= 0, got {args.layer}")
+    check_writable(args.out, "--out")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = fit_steering_vector(model, tok, prompts, args.instruction, layer=args.layer, placement=args.placement)
     path = vector.save(args.out)
@@ -211,16 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for register in COMMANDS:
         register(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed usage and the error (status 2), or --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep loader chatter and progress bars out of the output
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ArithmeticError) as e:  # our errors are written for people
-        print(f"agd: error: {e}", file=sys.stderr)
+    except AgdError as e:  # written for people: one line, no traceback
+        print(f"agd: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("agd: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - anything else is a bug: show where, and ask for a report
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

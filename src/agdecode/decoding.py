@@ -26,7 +26,7 @@ from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
 from .errors import AgdError
 from .models import input_device
-from .roi import ROI, Prompt, Region, render_prompt, resolve_region
+from .roi import ROI, Prompt, Region, parse_rois, render_prompt, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
 
@@ -37,7 +37,7 @@ METHODS = ("agd", "greedy") + BASELINES
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
 
 
-class NonFiniteLogitsError(AgdError, ArithmeticError):
+class NonFiniteLogitsError(FloatingPointError, AgdError):
     """The model produced NaN or infinite logits."""
 
 
@@ -109,6 +109,7 @@ class AGDConfig:
                 isinstance(self.stop_strings, (list, tuple)) and self.stop_strings
                 and all(isinstance(s, str) and s for s in self.stop_strings)):
             raise AgdError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")
+        parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
         validate_settings(self)
         return self
 
@@ -467,8 +468,19 @@ def make_config(config: AGDConfig | None = None, **settings) -> AGDConfig:
     return replace(config or AGDConfig(), **settings).validate()
 
 
-def _is_conversation(x) -> bool:
-    return isinstance(x, str) or (isinstance(x, (list, tuple)) and (not x or isinstance(x[0], dict)))
+def _conversations(x) -> tuple[bool, list]:
+    """(whether ``x`` is one conversation, the list of conversations); a batch is a list of message lists."""
+    what = "messages must be a non-empty list of {'role', 'content'} dicts, a string, or a list of such lists"
+    if isinstance(x, str):
+        return True, [x]
+    if not isinstance(x, (list, tuple)) or len(x) == 0:
+        raise AgdError(f"{what}; got {x!r:.80}")
+    if not all(isinstance(c, (list, tuple)) for c in x):
+        return True, [list(x)]  # one conversation; its messages are checked when it is rendered
+    for n, c in enumerate(x):
+        if len(c) == 0:
+            raise AgdError(f"conversation {n}: {what}; got an empty list")
+    return False, [list(c) for c in x]
 
 
 def _default_batch_size(model: nn.Module) -> int:
@@ -519,14 +531,7 @@ def generate(
         >>> outs = agdecode.generate(model, tok, [messages, messages[1:]], entropy_threshold=1.734,
         ...                          repetition_penalty=1.1, stop_strings=["\\n\\n"])
     """
-    if isinstance(conversations, (list, tuple)) and len(conversations) == 0:
-        raise AgdError("conversations is empty: pass one conversation (a list of messages) or a list of them")
-    single = _is_conversation(conversations)
-    convs = [conversations] if single else list(conversations)
-    for n, c in enumerate(convs):
-        if not _is_conversation(c) or len(c) == 0:
-            raise AgdError(f"conversation {n} must be a non-empty list of {{'role', 'content'}} messages or a "
-                           f"non-empty string, got {c!r:.80}")
+    single, convs = _conversations(conversations)
     docs = _documents_per_conversation(documents, len(convs), single)
     if batch_size is not None and (not _int(batch_size) or batch_size < 1):
         raise AgdError(f"batch_size must be an integer >= 1, got {batch_size!r}")

@@ -29,8 +29,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .adapters import get_adapter
 from .engines.reverse import attribute_batch
-from .heads import KINDS, model_key
+from .errors import AgdError
+from .heads import KINDS
+from .identity import model_identity, model_key
 from .roi import render_prompt
 
 __all__ = ["discovery_items", "discover_heads", "plot_heads"]
@@ -61,7 +64,7 @@ def discovery_items(n: int | None = None, seed: int = 0) -> list[dict]:
     for item, donor in zip(items, donors + donors):
         cf = donor["answer"] if donor["answer"].lower() != item["answer"].lower() else "Zanzibar"
         item["cf_answer"], item["cf_text"] = cf, item["text"].replace(item["answer"], cf)
-    return items[:n] if n else items
+    return items if n is None else items[:n]
 
 
 def _prompt_and_target(tokenizer, question: str, target: str, document: dict | None) -> tuple[torch.Tensor, int]:
@@ -95,10 +98,15 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
         >>> result["top"]["in-context"][:3]
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise AgdError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 2:
+        raise AgdError(f"head discovery needs n_items >= 2 (one half for each stability check), got {n_items!r}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise AgdError(f"top must be a positive number of heads, got {top!r}")
+    n_layers, n_heads = get_adapter(model).head_shape(model)
+    if top > n_layers * n_heads:
+        raise AgdError(f"top={top} is more heads than the model has ({n_layers} layers x {n_heads} heads)")
     items = discovery_items(n_items, seed)
-    if len(items) < 2:
-        raise ValueError("head discovery needs at least 2 items")
     ob, cb = [], []
     with tqdm(total=len(items), desc="head discovery", unit="item") as bar:
         for start in range(0, len(items), batch_size):
@@ -118,6 +126,7 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
     a, b = tops(slice(0, half)), tops(slice(half, None))
     return {
         "model": model_key(model),
+        "identity": model_identity(model),  # a head set is only used for the model it was found on
         "kind": kind,
         "procedure": "D = mean_OB-counterfactual R+_h(cf answer) - mean_CB R+_h(gold answer); R+ = positive AttnLRP "
                      "relevance at the o_proj input, summed over head dim and positions; first answer token",
@@ -132,14 +141,12 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
 
 def plot_heads(result: dict, path: str | Path) -> Path:
     """Heatmap (layer x head) of D with the chosen heads marked; written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report.style import new_figure
 
     d = torch.tensor(result["scores"]["D"])
     lim = float(d.abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(6.5, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
+    fig = new_figure(figsize=(max(6.5, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
+    ax = fig.subplots()
     im = ax.imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for kind, marker in (("in-context", "o"), ("parametric", "s")):
         pts = result["top"][kind]
@@ -154,13 +161,18 @@ def plot_heads(result: dict, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def cmd_discover(args) -> int:
+    from .cli import check_writable
     from .models import load_model
 
+    if args.n_items < 2:
+        raise AgdError(f"--n-items must be at least 2 (one half for each stability check), got {args.n_items}")
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     model, tok = load_model(args.model, device=args.device)
     result = discover_heads(model, tok, n_items=args.n_items, top=args.top, seed=args.seed, kind=args.kind,
                             batch_size=args.batch_size)
@@ -175,6 +187,7 @@ def cmd_discover(args) -> int:
 
 
 def register_heads(sub) -> None:
+    from .eval.cli import positive_int
     p = sub.add_parser("heads", help="attention-head ROIs: discover parametric / in-context heads")
     hs = p.add_subparsers(dest="heads_command", required=True)
     d = hs.add_parser("discover", help="score every head (Atlas procedure) and write the top ones as JSON + PNG",
@@ -182,8 +195,8 @@ def register_heads(sub) -> None:
     d.add_argument("--kind", choices=KINDS, default="parametric", help="which list 'heads:FILE' uses by default")
     d.add_argument("--model", default="smollm2", help="model to analyse (default smollm2)")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--n-items", type=int, default=200, help="NQ items (each: one open-book and one closed-book pass)")
-    d.add_argument("--top", type=int, default=10, help="heads per kind to keep (default 10)")
+    d.add_argument("--n-items", type=positive_int, default=200, help="NQ items (each: one open-book and one closed-book pass)")
+    d.add_argument("--top", type=positive_int, default=10, help="heads per kind to keep (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed of the counterfactual answer assignment")
     d.add_argument("--out", required=True, help="output JSON")
     d.add_argument("--plot", help="output PNG (default: next to the JSON)")

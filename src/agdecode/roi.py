@@ -1,9 +1,10 @@
 """Regions of interest (ROI): which prompt tokens a candidate's relevance is summed over.
 
 A prompt is rendered once (chat template -> text -> tokens with character offsets); every ROI is
-resolved against that rendering to a boolean mask over prompt positions. Message content is found
-in the rendered text, so chat-template tokens (``<|im_start|>system\\n`` ...) are never part of a
-message ROI.
+resolved against that rendering to a boolean mask over prompt positions. Each message's content is
+located structurally (after its role header, see ``_find_message_spans``), so chat-template tokens
+(``<|im_start|>system\\n`` ...) are never part of a message ROI, even when the content is "system".
+:func:`parse_expression` is the one parser of the grammar below (CAD and ``agd eval`` use it too).
 
 ROI specs (strings or :class:`ROI` objects):
 
@@ -41,12 +42,15 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Prompt", "ROI", "ROIError", "Region", "render_documents", "render_prompt", "resolve_region", "resolve_roi"]
+from .errors import AgdError
+
+__all__ = ["Prompt", "ROI", "ROIError", "Region", "Term", "parse_expression", "parse_rois", "render_documents",
+           "render_prompt", "resolve_region", "resolve_roi"]
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ROIError(ValueError):
+class ROIError(AgdError):
     """A region of interest that cannot be resolved against the prompt."""
 
 
@@ -58,7 +62,7 @@ class Prompt:
     input_ids: torch.Tensor  # (1, T)
     offsets: list[tuple[int, int]]
     messages: list[dict] | None = None
-    message_spans: list[tuple[int, int]] = field(default_factory=list)  # char span of each message's content
+    message_spans: list[tuple[int, int] | None] = field(default_factory=list)  # char span of each message's content
     document_spans: list[tuple[int, int]] = field(default_factory=list)  # char span of each document (title + text)
 
     def __len__(self) -> int:
@@ -76,10 +80,12 @@ def render_documents(documents: Sequence[dict], content: str) -> tuple[str, list
         >>> render_documents([{"title": "Paris", "text": "Capital of France."}], "Where is Paris?")[0]
         'Document [1](Title: Paris) Capital of France.\n\nWhere is Paris?'
     """
+    if not isinstance(documents, (list, tuple)):
+        raise ROIError(f"documents must be a list of {{'title': ..., 'text': ...}} dicts, got {type(documents).__name__}.")
     parts, spans, pos = [], [], 0
     for i, d in enumerate(documents, 1):
         if not isinstance(d, dict) or not isinstance(d.get("text"), str):
-            raise ROIError(f"document {i} must be a dict with a string 'text' (and optionally 'title'), got {d!r}.")
+            raise ROIError(f"document {i} must be a dict with a string 'text' (and optionally 'title'), got {_short(d)}.")
         head = f"Document [{i}](Title: "
         body = f"{d.get('title', '')}) {d['text']}".strip()
         spans.append((pos + len(head), pos + len(head) + len(body)))
@@ -102,6 +108,8 @@ def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: 
         'Be brief.'
     """
     doc_spans: list[tuple[int, int]] = []
+    if documents is not None and not isinstance(documents, (list, tuple)):
+        raise ROIError(f"documents must be a list of {{'title': ..., 'text': ...}} dicts, got {type(documents).__name__}.")
     if isinstance(messages, str):
         text, spans, msgs = messages, [], None
         if documents:
@@ -121,9 +129,12 @@ def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: 
                 "prompt as a plain string and the ROI as 'chars:A-B' or 'tokens:...'.")
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **(chat_template_kwargs or {}))
-        spans = _find_message_spans(text, msgs)
+        spans = _find_message_spans(tokenizer, text, msgs, add_generation_prompt, chat_template_kwargs)
         if documents:
             # The user message's span covers documents + question: split it into the two.
+            if spans[users[-1]] is None:
+                raise ROIError("The chat template rewrites the user message, so the documents cannot be located "
+                               "in the prompt; put them into the message yourself and use a 'chars:' ROI.")
             start, end = spans[users[-1]]
             question = messages[users[-1]]["content"].strip()
             spans[users[-1]] = (end - len(question), end)
@@ -140,34 +151,68 @@ def _check_messages(messages) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ROIError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a string.")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-            raise ROIError(f"message {i} must be a dict with a 'role' and a string 'content', got {m!r}.")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ROIError(f"message {i} must be a dict with a string 'role' and a string 'content', got {_short(m)}.")
     return list(messages)
 
 
-def _find_message_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
-    spans, cursor = [], 0
+def _find_message_spans(tokenizer, text: str, messages: list[dict], add_generation_prompt: bool,
+                        chat_template_kwargs: dict | None = None) -> list[tuple[int, int] | None]:
+    """Each message's content span, located structurally: the chat is rendered once more with a unique
+    marker as every message's content, which splits the template into its pieces (role headers,
+    separators); the real text must be those pieces with the contents in between, so a content that
+    also occurs in the template ("system", "end" in ``<|im_end|>``) is never matched there."""
+    marker = "\ue000agd-message-{}\ue001"
+    while any(marker.format(i) in m["content"] for i, m in enumerate(messages)):
+        marker = "\ue000" + marker
+    skeleton = tokenizer.apply_chat_template(
+        [dict(m, content=marker.format(i)) for i, m in enumerate(messages)], tokenize=False,
+        add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+    pieces, rest = [], skeleton
+    for i in range(len(messages)):
+        before, found, rest = rest.partition(marker.format(i))
+        if not found:
+            return [None] * len(messages)
+        pieces.append(before)
+    pieces.append(rest)
+    spans, pos = [], 0
     for i, m in enumerate(messages):
-        content = m["content"].strip()  # templates commonly trim content
-        start = text.find(content, cursor)
-        if start < 0:
-            raise ROIError(f"Message {i} ({m['role']}) was not found verbatim in the rendered chat prompt; "
-                           "the chat template rewrites it. Use a 'chars:' or 'tokens:' ROI instead.")
-        spans.append((start, start + len(content)))
-        cursor = start + len(content)
-    return spans
+        if not text.startswith(pieces[i], pos):
+            break
+        pos += len(pieces[i])
+        raw, content = m["content"], m["content"].strip()  # templates commonly trim content
+        nxt = pieces[i + 1]
+        if text.startswith(raw, pos) and text.startswith(nxt, pos + len(raw)):
+            lead = len(raw) - len(raw.lstrip())
+            spans.append((pos + lead, pos + lead + len(content)))
+            pos += len(raw)
+        elif text.startswith(content, pos) and text.startswith(nxt, pos + len(content)):
+            spans.append((pos, pos + len(content)))
+            pos += len(content)
+        else:
+            break
+    return spans + [None] * (len(messages) - len(spans))  # None: the template rewrote it (see resolve_roi)
+
+
+_ROI_HELP = ("expected one of system, user, assistant, tool, 'role:NAME', 'message:N', 'chars:A-B', "
+             "'tokens:I,J-K', 'context', 'document:N', 'heads:...', or an expression joining them with "
+             "' + ', ' - ', ' | ' (spaces around the operator)")
 
 
 @dataclass(frozen=True)
 class ROI:
-    """A region of interest over prompt tokens; build with the class methods or parse a string.
+    """One region of interest (a term of a ROI expression); build with the class methods or parse a string.
+
+    ``kind`` is ``role``, ``message``, ``chars``, ``tokens`` (value: inclusive ``(start, end)``
+    ranges), ``context``, ``document`` (1-based) or ``heads`` (value: the head-set spec).
 
     Example:
         >>> ROI.role("system"); ROI.message(1); ROI.chars(0, 40); ROI.tokens([3, 4, 5])
-        >>> ROI.parse("message:-1")
+        >>> ROI.parse("tokens:0,5-9").value
+        ((0, 0), (5, 9))
     """
 
-    kind: str  # "role" | "message" | "chars" | "tokens"
+    kind: str
     value: tuple
 
     @classmethod
@@ -184,48 +229,113 @@ class ROI:
 
     @classmethod
     def tokens(cls, positions) -> "ROI":
-        return cls("tokens", tuple(int(p) for p in positions))
+        return cls("tokens", tuple((int(p), int(p)) for p in positions))
 
     @classmethod
     def parse(cls, spec: "str | ROI") -> "ROI":
+        """Parse one ROI term (not an expression; see :func:`parse_expression`)."""
         if isinstance(spec, ROI):
             return spec
         if not isinstance(spec, str):
-            raise ROIError(f"A ROI must be a string or ROI, got {type(spec).__name__}.")
+            raise ROIError(f"A ROI must be a string or ROI, got {type(spec).__name__} {_short(spec)}.")
         s = spec.strip()
         if s in ROLES:
             return cls.role(s)
+        if s == "context":
+            return cls("context", ())
         kind, _, arg = s.partition(":")
-        try:
-            if kind == "role" and arg:
-                return cls.role(arg)
-            if kind == "message":
-                return cls.message(int(arg))
-            if kind == "chars":
-                m = re.fullmatch(r"(\d+)-(\d+)", arg)
-                if m:
-                    return cls.chars(int(m[1]), int(m[2]))
-            if kind == "tokens":
-                positions = []
-                for part in arg.split(","):
-                    a, _, b = part.partition("-")
-                    positions += range(int(a), int(b or a) + 1)
-                return cls.tokens(positions)
-        except ValueError:
-            pass
-        raise ROIError(f"Cannot parse ROI {spec!r}; expected one of {', '.join(ROLES)}, 'message:N', "
-                       "'chars:A-B' or 'tokens:I,J-K'.")
+        if kind == "role" and arg.strip():
+            return cls.role(arg.strip())
+        if kind == "message" and re.fullmatch(r"-?\d{1,9}", arg):
+            return cls.message(int(arg))
+        if kind == "document" and re.fullmatch(r"\d{1,9}", arg):
+            if int(arg) < 1:
+                raise ROIError(f"ROI {_short(s)}: documents are numbered from 1.")
+            return cls("document", (int(arg),))
+        if kind == "chars":
+            m = re.fullmatch(r"(\d{1,12})-(\d{1,12})", arg)
+            if m:
+                if int(m[1]) >= int(m[2]):
+                    raise ROIError(f"ROI {_short(s)}: the character span A-B needs A < B.")
+                return cls.chars(int(m[1]), int(m[2]))
+        if kind == "tokens" and re.fullmatch(r"\d{1,12}(-\d{1,12})?(,\d{1,12}(-\d{1,12})?)*", arg):
+            ranges = []
+            for part in arg.split(","):
+                a, _, b = part.partition("-")
+                if int(b or a) < int(a):
+                    raise ROIError(f"ROI {_short(s)}: the token range {part} is reversed.")
+                ranges.append((int(a), int(b or a)))
+            return cls("tokens", tuple(ranges))
+        if kind == "heads" and arg.strip():
+            if not arg.split("#")[0].endswith(".json"):  # a file is read when resolved (or by the CLI, up front)
+                from .heads import parse_head_spec
+
+                parse_head_spec(arg.strip())
+            return cls("heads", (arg.strip(),))
+        raise ROIError(f"Cannot parse ROI {_short(spec)}; {_ROI_HELP}.")
 
     def __str__(self) -> str:
-        if self.kind == "role":
-            return self.value[0]
+        if self.kind in ("role", "context"):
+            return self.value[0] if self.value else self.kind
         if self.kind == "chars":
             return f"chars:{self.value[0]}-{self.value[1]}"
+        if self.kind == "tokens":
+            return "tokens:" + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.value)
         return f"{self.kind}:{','.join(map(str, self.value))}"
 
 
+def _short(x, n: int = 60) -> str:
+    """``repr`` cut to ``n`` characters: error messages stay one short line whatever the input."""
+    r = repr(x)
+    return r if len(r) <= n else r[:n - 5] + "...'"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of a ROI expression: its operator (``+``, ``-`` or ``|``) and its ROI."""
+
+    op: str
+    roi: ROI
+
+
+_OPERATOR = re.compile(r"\s+([+\-|])\s+")
+
+
+def parse_expression(spec: "str | ROI") -> list[Term]:
+    """Parse a ROI or ROI expression into its terms; the one parser of the ROI grammar.
+
+    Example:
+        >>> parse_expression("context - user")
+        [Term(op='+', roi=ROI(kind='context', value=())), Term(op='-', roi=ROI(kind='role', value=('user',)))]
+    """
+    if isinstance(spec, ROI):
+        return [Term("+", spec)]
+    if not isinstance(spec, str):
+        raise ROIError(f"A ROI must be a string or ROI, got {type(spec).__name__} {_short(spec)}.")
+    parts = _OPERATOR.split(spec.strip())
+    ops, terms = ["+"] + parts[1::2], parts[0::2]
+    if terms[0][:1] in ("+", "-") and len(terms[0]) > 1:  # a leading sign: "+context - user"
+        ops[0], terms[0] = terms[0][0], terms[0][1:].strip()
+    if any(not t for t in terms):
+        raise ROIError(f"Cannot parse ROI {_short(spec)}: an operator lacks a term; {_ROI_HELP}.")
+    return [Term(op, ROI.parse(t)) for op, t in zip(ops, terms)]
+
+
+def parse_rois(roi) -> list[list[Term]]:
+    """Check ``generate(roi=...)`` before any compute: one ROI (expression) or a non-empty list of them.
+
+    Example:
+        >>> len(parse_rois(["system", "context - user"]))
+        2
+    """
+    specs = list(roi) if isinstance(roi, (list, tuple)) else [roi]
+    if not specs:
+        raise ROIError("roi is an empty list; give at least one ROI, e.g. roi='system'.")
+    return [parse_expression(r) for r in specs]
+
+
 def resolve_roi(spec: "str | ROI", prompt: Prompt) -> torch.Tensor:
-    """Resolve a ROI against a rendered prompt to a boolean mask over its tokens (shape ``(T,)``).
+    """Resolve a token ROI against a rendered prompt to a boolean mask over its tokens (shape ``(T,)``).
 
     Raises :class:`ROIError` when the ROI is not in the prompt or selects no token.
 
@@ -250,25 +360,51 @@ def resolve_roi(spec: "str | ROI", prompt: Prompt) -> torch.Tensor:
             idx = [i % len(prompt.messages)]
         mask = torch.zeros(n, dtype=torch.bool)
         for i in idx:
+            if prompt.message_spans[i] is None:
+                m = prompt.messages[i]
+                raise ROIError(f"ROI {str(roi)!r}: message {i} ({m['role']}) was not found verbatim in the rendered "
+                               "chat prompt; the chat template rewrites it. Use a 'chars:' or 'tokens:' ROI instead.")
             mask |= prompt.tokens_in_chars(*prompt.message_spans[i])
+    elif roi.kind in ("context", "document"):
+        if not prompt.document_spans:
+            raise ROIError(f"ROI {str(roi)!r} needs documents: pass documents=[{{'title': ..., 'text': ...}}, ...].")
+        if roi.kind == "context":
+            idx = range(len(prompt.document_spans))
+        else:
+            if not 1 <= roi.value[0] <= len(prompt.document_spans):
+                raise ROIError(f"ROI {str(roi)!r}: there are {len(prompt.document_spans)} documents (1-based).")
+            idx = [roi.value[0] - 1]
+        mask = torch.zeros(n, dtype=torch.bool)
+        for i in idx:
+            mask |= prompt.tokens_in_chars(*prompt.document_spans[i])
     elif roi.kind == "chars":
         start, end = roi.value
         if not 0 <= start < end <= len(prompt.text):
             raise ROIError(f"ROI {str(roi)!r} is not in the prompt: the rendered prompt has "
                            f"{len(prompt.text)} characters and the span must satisfy 0 <= A < B.")
         mask = prompt.tokens_in_chars(start, end)
-    else:
-        bad = [p for p in roi.value if not -n <= p < n]
+    elif roi.kind == "tokens":
+        # Ranges are checked and filled as ranges: "tokens:0-30000000" costs what "tokens:0-3" does.
+        bad = [f"{a}" if a == b else f"{a}-{b}" for a, b in roi.value
+               if not (-n <= a < n if a == b else 0 <= a <= b < n)]
         if bad:
-            raise ROIError(f"ROI token positions {bad} are outside the prompt ({n} tokens).")
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise ROIError(f"ROI token positions {shown} are outside the prompt ({n} tokens).")
         mask = torch.zeros(n, dtype=torch.bool)
-        mask[list(roi.value)] = True
+        for a, b in roi.value:
+            if a == b:
+                mask[a] = True
+            else:
+                mask[a:b + 1] = True
+    else:
+        raise ROIError(f"ROI {str(roi)!r} is over attention heads, not prompt tokens; it needs the model "
+                       "(resolve_region(spec, prompt, model)).")
     if not mask.any():
         raise ROIError(f"ROI {str(roi)!r} selects no prompt token (is the message empty?).")
     return mask
 
 
-# --- resolved regions: weights over tokens and heads, and ROI expressions ----------------------
+# --- resolved regions: weights over tokens and heads -------------------------------------
 
 @dataclass
 class Region:
@@ -283,9 +419,6 @@ class Region:
     heads: torch.Tensor | None = None
 
 
-_OPERATOR = re.compile(r"\s+([+\-|])\s+")
-
-
 def resolve_region(spec: "str | ROI", prompt: Prompt, model=None) -> Region:
     """Resolve a ROI or ROI expression (``"context - user"``, ``"system | heads:in-context"``).
 
@@ -293,52 +426,32 @@ def resolve_region(spec: "str | ROI", prompt: Prompt, model=None) -> Region:
         >>> r = resolve_region("context - user", render_prompt(tok, msgs, documents=docs))
         >>> r.tokens   # +1 on document tokens, -1 on the question
     """
+    expr = parse_expression(spec)
     name = str(spec) if isinstance(spec, ROI) else spec.strip()
-    parts = _OPERATOR.split(name) if isinstance(spec, str) else [name]
-    ops, terms = ["+"] + parts[1::2], parts[0::2]
-    if terms[0][:1] in ("+", "-") and len(terms[0]) > 1:  # a leading sign: "+context - user"
-        ops[0], terms[0] = terms[0][0], terms[0][1:].strip()
     tokens = torch.zeros(len(prompt))
     heads = None
-    for op, term in zip(ops, terms):
-        t, h = _resolve_term(spec if isinstance(spec, ROI) else term, prompt, model)
+    for term in expr:
+        t, h = _resolve_term(term.roi, prompt, model)
         if h is not None and heads is None:
             heads = torch.zeros_like(h)
-        if op == "|":
+        if term.op == "|":
             tokens = torch.maximum(tokens, t)
             heads = torch.maximum(heads, h) if h is not None else heads
         else:
-            sign = -1.0 if op == "-" else 1.0
+            sign = -1.0 if term.op == "-" else 1.0
             tokens = tokens + sign * t
             if h is not None:
                 heads = heads + sign * h
     if not tokens.any() and (heads is None or not heads.any()):
-        raise ROIError(f"ROI {name!r} selects nothing (its parts cancel out or are empty).")
+        raise ROIError(f"ROI {_short(name)} selects nothing (its parts cancel out or are empty).")
     return Region(name, tokens, heads)
 
 
-def _resolve_term(term: "str | ROI", prompt: Prompt, model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(term, str) and term.startswith("heads:"):
+def _resolve_term(roi: ROI, prompt: Prompt, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if roi.kind == "heads":
         from .heads import head_mask
 
         if model is None:
-            raise ROIError(f"ROI {term!r} needs the model (to know its layers and heads).")
-        return torch.zeros(len(prompt)), head_mask(term[len("heads:"):], model).float()
-    if isinstance(term, str) and (term == "context" or term.startswith("document:")):
-        if not prompt.document_spans:
-            raise ROIError(f"ROI {term!r} needs documents: pass documents=[{{'title': ..., 'text': ...}}, ...].")
-        if term == "context":
-            idx = range(len(prompt.document_spans))
-        else:
-            try:
-                i = int(term.split(":", 1)[1])
-            except ValueError:
-                raise ROIError(f"Cannot parse ROI {term!r}; expected 'document:N' (1-based).") from None
-            if not 1 <= i <= len(prompt.document_spans):
-                raise ROIError(f"ROI {term!r}: there are {len(prompt.document_spans)} documents (1-based).")
-            idx = [i - 1]
-        mask = torch.zeros(len(prompt), dtype=torch.bool)
-        for i in idx:
-            mask |= prompt.tokens_in_chars(*prompt.document_spans[i])
-        return mask.float(), None
-    return resolve_roi(term, prompt).float(), None
+            raise ROIError(f"ROI {str(roi)!r} needs the model (to know its layers and heads).")
+        return torch.zeros(len(prompt)), head_mask(roi.value[0], model).float()
+    return resolve_roi(roi, prompt).float(), None

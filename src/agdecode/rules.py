@@ -2,9 +2,12 @@
 
 AttnLRP in its Input x Gradient formulation keeps the forward pass unchanged and only modifies how
 the gradient flows through a few operations; relevance is then ``activation * modified gradient``.
-Each rule here defines both ``backward`` (reverse mode, per-token relevance maps) and ``jvp``
-(forward mode, the ROI score of every vocabulary token in one pass). Both must stay consistent:
-the forward-mode engine is exact only because ``jvp`` is the transpose of ``backward``.
+Each rule here defines ``backward`` (used by the reverse engine, :mod:`agdecode.engines.reverse`, for
+per-token relevance maps) and ``jvp`` (used only by the ``forward-ad`` engine, which runs
+``torch.autograd.forward_ad``); ``jvp`` is the transpose of ``backward``, so both give the same scores.
+The default forward engine (:mod:`agdecode.engines.forward`) does not call these functions: it
+re-implements the same rules on stacked primal and tangent rows. It is exact because those rules are the
+same linear maps, which the tests check against the reverse engine and the reference relevances.
 
 Linear layers, additions, residuals and the softmax keep their ordinary gradient (the epsilon-rule
 reduces to the plain gradient in this formulation).

@@ -44,8 +44,11 @@ def random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dt
         raise ValueError(f"Unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     spec = dict(SHAPES[shape])
     config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max_position_embeddings, **spec)
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: an 8B model initialised on CPU takes minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    device = torch.device(device)
+    # Seeded for repeatable weights, inside fork_rng so the caller's global RNG state is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        with device:  # initialise on the device: an 8B model initialised on CPU takes minutes
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config._name_or_path = f"random-init:{shape}"
     return model.eval()

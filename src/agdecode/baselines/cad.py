@@ -14,19 +14,15 @@ forwards in raw-logit form). With ``alpha = 0`` it is ``log_softmax(logits)``: g
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..roi import ROI, Prompt, ROIError, parse_expression, render_prompt, resolve_region, resolve_roi
 from ..sources import CachedForward
-from ..roi import ROI, Prompt, ROIError, render_prompt, resolve_region, resolve_roi
 
 __all__ = ["CADSource", "context_free_prompt"]
-
-_OPERATOR_CHARS = re.compile(r"\s[+\-|]\s")  # an ROI expression such as "system | user"
-
 
 def context_free_prompt(tokenizer, prompt: Prompt, roi: "str | ROI", messages: list[dict] | None = None,
                         documents: Sequence[dict] | None = None) -> torch.Tensor:
@@ -45,28 +41,28 @@ def context_free_prompt(tokenizer, prompt: Prompt, roi: "str | ROI", messages: l
         ...                         {"role": "user", "content": "Hi"}])
         >>> tok.decode(context_free_prompt(tok, p, "system")[0])   # the chat with only the user turn
     """
+    expr = parse_expression(roi)
     name = str(roi) if isinstance(roi, ROI) else roi.strip()
-    if "heads:" in name:
+    if any(t.roi.kind == "heads" for t in expr):
         raise ROIError(f"CAD with ROI {name!r}: CAD leaves part of the prompt out, and attention heads are not "
                        "part of the prompt; use a token ROI (system, context, chars:...).")
-    is_document = name == "context" or name.startswith("document:")
-    if is_document and documents and messages is not None:
-        resolve_region(name, prompt)  # the usual ROIError for a document that is not there
-        kept = [] if name == "context" else [d for i, d in enumerate(documents, 1) if i != int(name.split(":")[1])]
+    single = expr[0].roi if len(expr) == 1 else None
+    if single is not None and single.kind in ("context", "document") and documents and messages is not None:
+        resolve_roi(single, prompt)  # the usual ROIError for a document that is not there
+        kept = [] if single.kind == "context" else [d for i, d in enumerate(documents, 1) if i != single.value[0]]
         return render_prompt(tokenizer, messages, documents=kept or None).input_ids
-    parsed = None if is_document or _OPERATOR_CHARS.search(name) else ROI.parse(roi)
-    if parsed is not None and parsed.kind in ("role", "message"):
-        resolve_roi(parsed, prompt)  # the usual ROIError when the message is not in the prompt
+    if single is not None and single.kind in ("role", "message"):
+        resolve_roi(single, prompt)  # the usual ROIError when the message is not in the prompt
         n = len(prompt.messages)
-        if parsed.kind == "role":
-            drop = {i for i, m in enumerate(prompt.messages) if m["role"] == parsed.value[0]}
+        if single.kind == "role":
+            drop = {i for i, m in enumerate(prompt.messages) if m["role"] == single.value[0]}
         else:
-            drop = {parsed.value[0] % n}
+            drop = {single.value[0] % n}
         kept = [m for i, m in enumerate(prompt.messages) if i not in drop]
         if not kept:
             raise ROIError(f"CAD with ROI {name!r}: leaving the ROI out leaves no message to contrast with.")
         return render_prompt(tokenizer, kept).input_ids
-    mask = resolve_region(name, prompt).tokens > 0
+    mask = resolve_region(roi, prompt).tokens > 0
     ids = prompt.input_ids[:, ~mask]
     if ids.shape[1] == 0:
         raise ROIError(f"CAD with ROI {name!r}: the ROI covers the whole prompt, nothing is left to contrast with.")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..adapters import decoder_layers
+from ..identity import steering_identity as model_identity  # re-exported: the one identity module
 from ..models import input_device
 from ..sources import CachedForward
 from ..roi import render_prompt
@@ -36,26 +37,11 @@ __all__ = ["SteeringVector", "SteeringVectorMismatch", "fit_steering_vector", "a
            "SteeringSource", "model_identity", "PLACEMENTS"]
 
 PLACEMENTS = ("system", "user")
-_FINGERPRINT_ROWS = 8
 _FINGERPRINT_RTOL = 0.05  # survives dtype changes and GGUF dequantisation, not a different model
 
 
 class SteeringVectorMismatch(BaselineError):
     """A steering vector fitted on another model (or another hidden size)."""
-
-
-def model_identity(model: nn.Module) -> dict:
-    """What identifies a model for a steering vector; the fingerprint is the norms of a few embedding rows.
-
-    Example:
-        >>> model_identity(model)["hidden_size"]
-        576
-    """
-    cfg = model.config.get_text_config()
-    rows = model.get_input_embeddings().weight[:_FINGERPRINT_ROWS].detach().float()
-    return {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-            "vocab_size": cfg.vocab_size, "fingerprint": [round(float(x), 6) for x in rows.norm(dim=-1)]}
 
 
 @dataclass

@@ -6,19 +6,21 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import AgdError
+
 __all__ = ["register_eval", "register_calibrate"]
 
 DEFAULTS = {"rules": {"data": "rules", "max_new_tokens": 256}, "qa": {"data": "triviaqa", "max_new_tokens": 48}}
 
 
-def _positive(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 and negative counts would silently mean something else)."""
     try:
         n = int(text)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
 
 
@@ -34,9 +36,9 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+    p.add_argument("--max-new-tokens", type=positive_int, default=d["max_new_tokens"],
                    help=f"maximum tokens per response (default {d['max_new_tokens']})")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items (default: all)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling methods, per item (default 0)")
     p.add_argument("--roi", default=None, help="ROI of the AGD methods (default: rules: system; qa: context with "
                                                "documents, else user)")
@@ -50,13 +52,13 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--ray", action="store_true", help="shard the items over local Ray actors")
     p.add_argument("--ray-address", default=None,
                    help="shard over an existing Ray cluster (e.g. auto, ray://host:10001)")
-    p.add_argument("--ray-workers", type=int, default=None,
+    p.add_argument("--ray-workers", type=positive_int, default=None,
                    help="number of actors (default: GPUs, or CPUs / cores per worker)")
-    p.add_argument("--ray-cpus-per-worker", type=int, default=2, help="CPU cores per actor without GPUs (default 2)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--ray-cpus-per-worker", type=positive_int, default=2, help="CPU cores per actor without GPUs (default 2)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's); 1 is far faster on a CPU shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--batch-size", type=_positive, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="conversations decoded together (default: 8 on CPU, 32 on CUDA)")
     p.set_defaults(func=cmd_run, task=task)
 
@@ -82,8 +84,11 @@ def cmd_run(args) -> int:
              for m in methods]
     from .runner import prepare
 
-    # Refuse an unavailable method or a bad file before loading anything.
+    # Refuse an unavailable method, a bad file or an unwritable output before loading anything.
     auto = any(prepare(spec)[1].get("entropy_threshold") == "auto" for spec in specs)
+    check_out_dir(out, "--out")
+    if args.calibration and not Path(args.calibration).is_file():
+        raise AgdError(f"--calibration {args.calibration!r} not found (write one with `agd calibrate --out FILE`).")
     ray = None
     if args.ray or args.ray_address:
         ray = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": args.ray_cpus_per_worker}
@@ -104,14 +109,31 @@ def cmd_run(args) -> int:
             err = f", {s['n_errors']} errors" if s["n_errors"] else ""
             guided = s["trace"]["guided_fraction"] or 0
             print(f"{spec.method}: n={s['n']}{err}: {metrics}; guided {guided:.2f} of steps")
+            if s.get("scorer_errors"):
+                print(f"warning: {spec.method}: the rule checker raised on {s['scorer_errors']} item(s); those "
+                      "instructions count as not followed (see 'scores.errors' in records.jsonl).", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     print(f"records in {out}/<method>/records.jsonl; compare with: agd eval report {out}")
     return 0
 
 
+def check_out_dir(path: Path, what: str) -> None:
+    """An output directory must be a directory (or not exist yet) below a writable one."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise AgdError(f"{what} {str(path)!r} exists and is not a directory.")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise AgdError(f"{what} {str(path)!r}: {str(existing)!r} is not a writable directory.")
+
+
 def cmd_report(args) -> int:
     from .report import build_report
+
+    if args.out:
+        check_out_dir(Path(args.out), "--out")
 
     print(build_report(args.run_dirs, args.out, plots=not args.no_plots))
     print(f"(written to {Path(args.out or args.run_dirs[0]) / 'report.md'})", file=sys.stderr)
@@ -164,9 +186,18 @@ def cmd_calibrate(args) -> int:
     from ..calibrate import calibrate, plot_histogram, save_calibration
     from ..models import load_model
 
+    from ..cli import check_writable
+    from .runner import check_limit
+
+    check_limit(args.limit)
+    if not 0 <= args.percentile <= 100:
+        raise AgdError(f"--percentile must be in [0, 100], got {args.percentile}")
+    for path, what in ((args.out, "--out"), (args.plot, "--plot")):
+        if path:
+            check_writable(path, what)
     _threads(args.threads)
     convs, data = _conversations(args.data)
-    if args.limit:
+    if args.limit is not None:
         convs = convs[:args.limit]
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     record, _ = calibrate(model, tok, convs, percentile=args.percentile, max_new_tokens=args.max_new_tokens,
@@ -193,14 +224,14 @@ def register_calibrate(sub) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
     p.add_argument("--data", default="rules", help="calibration set: a built-in set or a JSONL file (default: rules)")
     p.add_argument("--percentile", type=float, default=80.0, help="percentile of the step entropies (default 80)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per item (default 128)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens generated per item (default 128)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="write the calibration here instead of the user cache")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw the entropy histogram")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--batch-size", type=_positive, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="conversations decoded together (default: 8 on CPU, 32 on CUDA)")
     p.set_defaults(func=cmd_calibrate)

@@ -10,18 +10,21 @@ QA items: ``{"id", "question", "answers": [...], "documents": [{"title", "text"}
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import AgdError
+
 __all__ = ["ItemFileError", "ItemSet", "read_items", "parse_lines", "TASKS"]
 
 TASKS = ("rules", "qa")
 
 
-class ItemFileError(ValueError):
+class ItemFileError(AgdError):
     """An item file with malformed lines (refused) or no valid item at all."""
 
 
@@ -65,6 +68,12 @@ def _check_rules(d: dict) -> str | None:
     unknown = [i for i in ids if i not in known]
     if unknown:
         return f"unknown IFEval instruction id(s) {unknown}"
+    for iid, kw in zip(ids, kwargs):
+        # The checker would raise on these for every response: a bad item, not a failed rule.
+        accepted = inspect.signature(known[iid]("x").build_description).parameters
+        extra = sorted(k for k, v in kw.items() if v is not None and k not in accepted)
+        if extra:
+            return f"kwargs of {iid!r} has argument(s) {extra} it does not take (it takes {sorted(accepted)})"
     return None
 
 
@@ -96,9 +105,9 @@ def parse_lines(lines: Iterable[str], task: str, on_error: str = "fail",
         ('1', ["line 2: not JSON (Expecting value: line 1 column 1 (char 0))"])
     """
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise AgdError(f"task must be one of {TASKS}, got {task!r}")
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        raise AgdError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     check = _check_rules if task == "rules" else _check_qa
     items, bad, seen = [], [], set()
     for n, line in enumerate(lines, start=1):
@@ -145,7 +154,13 @@ def read_items(path: str | Path, task: str, on_error: str = "fail") -> ItemSet:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No such item file: {path}")
+        raise ItemFileError(f"No such item file: {path}")
     raw = path.read_bytes()
-    items, bad = parse_lines(raw.decode("utf-8").splitlines(), task, on_error, source=str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ItemFileError(f"{path}: line {line} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                            "save the file as UTF-8 (JSON Lines are UTF-8).") from None
+    items, bad = parse_lines(text.splitlines(), task, on_error, source=str(path))
     return ItemSet(path.name, task, items, str(path), hashlib.sha256(raw).hexdigest(), bad)

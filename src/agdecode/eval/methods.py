@@ -2,21 +2,22 @@
 
 A name may carry a ROI after ``@`` (``agd@context``, ``agd-gated@document:0``), and ``--set KEY=VALUE``
 adds any further ``generate`` argument (e.g. a baseline's strength), so every run records exactly
-what was decoded with. Methods that this version of ``generate`` does not offer yet (the baselines
-``cad``, ``dola``, ``steer``, ``sample``) are refused with a clear message before anything runs.
+what was decoded with. Unknown names, settings and ROIs are refused with a clear message before anything runs.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
 
-__all__ = ["Method", "PRESETS", "MethodUnavailableError", "resolve_method", "available_methods"]
+from ..errors import AgdError
+
+__all__ = ["Method", "PRESETS", "MethodUnavailableError", "resolve_method"]
 
 from ..decoding import PAPER_ENTROPY_THRESHOLD as PAPER_TAU  # 1.734 nats, the paper's gate
 
 
-class MethodUnavailableError(ValueError):
-    """A method or setting that this version of agdecode does not offer."""
+class MethodUnavailableError(AgdError):
+    """An unknown method name or ``generate`` setting."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,6 @@ PRESETS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 
-def available_methods() -> list[str]:
-    """Preset names whose ``generate`` method exists in this version of agdecode.
-
-    Example:
-        >>> "greedy" in available_methods()
-        True
-    """
-    from ..decoding import METHODS
-
-    return [n for n, m in PRESETS.items() if m.method in METHODS]
-
-
 def _generate_params() -> set[str]:
     import dataclasses
 
@@ -73,24 +62,20 @@ def resolve_method(name: str, roi: str | None = None, extra: dict | None = None,
     """The ``generate`` keyword arguments of method ``name`` (``NAME`` or ``NAME@ROI``), checked up front.
 
     ``roi`` is the task's default ROI (used by AGD presets unless the name gives one); ``extra``
-    holds ``--set`` overrides. Raises :class:`MethodUnavailableError` for anything this version
-    of ``generate`` lacks. An ``entropy_threshold`` of ``"auto"`` is resolved later, against the model.
+    holds ``--set`` overrides. Raises :class:`MethodUnavailableError` for an unknown name or setting,
+    :class:`~agdecode.roi.ROIError` for a ROI that does not parse. An ``entropy_threshold`` of ``"auto"`` is resolved later, against the model.
 
     Example:
         >>> resolve_method("agd-gated@user", roi="system")
         {'method': 'agd', 'max_new_tokens': 128, 'attribution': 'lrp', 'entropy_threshold': 1.734, 'roi': 'user'}
     """
-    from ..decoding import METHODS
+    from ..roi import parse_rois
 
     base, _, roi_override = name.partition("@")
     if base not in PRESETS:
         raise MethodUnavailableError(f"Unknown method {base!r}; choose from {', '.join(PRESETS)} "
                                      "(optionally NAME@ROI, e.g. agd@context).")
     preset = PRESETS[base]
-    if preset.method not in METHODS:
-        raise MethodUnavailableError(
-            f"Method {base!r} ({preset.about}) is not available in this version of agdecode: generate() offers "
-            f"method={list(METHODS)}. Available here: {', '.join(available_methods())}.")
     kw = {"method": preset.method, "max_new_tokens": max_new_tokens, **preset.settings}
     if preset.method == "agd" and (roi_override or roi):
         kw["roi"] = roi_override or roi
@@ -100,37 +85,11 @@ def resolve_method(name: str, roi: str | None = None, extra: dict | None = None,
     params = _generate_params()
     missing = sorted(k for k in kw if k not in params)
     if missing:
-        raise MethodUnavailableError(f"generate() in this version of agdecode has no argument(s) {missing} "
-                                     f"(needed by method {name!r}).")
+        raise MethodUnavailableError(f"generate() has no argument(s) {missing} (given for method {name!r}); "
+                                     f"its arguments are {', '.join(sorted(params))}.")
     if "roi" in kw:
-        _check_roi(kw["roi"])
+        parse_rois(kw["roi"])  # the ROI grammar's own parser: a bad ROI stops the run before the model loads
     return kw
-
-
-def _check_roi(spec) -> None:
-    """Check what can be checked without a prompt: every term of a ROI expression is known here."""
-    from .. import roi as roi_mod
-    from ..decoding import generate
-
-    for r in spec if isinstance(spec, (list, tuple)) else [spec]:
-        if not isinstance(r, str):
-            roi_mod.ROI.parse(r)
-            continue
-        splitter = getattr(roi_mod, "_OPERATOR", None)
-        for term in (splitter.split(r)[0::2] if splitter else [r]):
-            term = term.strip().lstrip("+-").strip()
-            if term == "context" or term.startswith("document:"):
-                if "documents" not in inspect.signature(generate).parameters:
-                    raise MethodUnavailableError(f"ROI {term!r} needs generate(documents=...), which this "
-                                                 "version of agdecode lacks.")
-            elif term.startswith("heads:"):
-                if not hasattr(roi_mod, "resolve_region"):
-                    raise MethodUnavailableError(f"ROI {term!r}: head ROIs are not available in this version.")
-            else:
-                try:
-                    roi_mod.ROI.parse(term)
-                except roi_mod.ROIError as e:
-                    raise MethodUnavailableError(str(e)) from e
 
 
 def parse_set(pairs: list[str] | None) -> dict:
@@ -146,7 +105,7 @@ def parse_set(pairs: list[str] | None) -> dict:
     for p in pairs or []:
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {p!r}")
+            raise AgdError(f"--set expects KEY=VALUE, got {p!r}")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

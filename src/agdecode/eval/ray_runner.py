@@ -14,7 +14,30 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-__all__ = ["RayPool"]
+__all__ = ["RayPool", "token_auth_enabled"]
+
+# Ray 2.60 binds its gRPC servers (GCS, raylet, workers) on every interface whatever ray.init is told
+# (checked: with _node_ip_address="127.0.0.1" they still listen on "::", and Ray rewrites a loopback node
+# address to the machine's routable one), and anyone who reaches them can run code. What keeps others
+# out is Ray's token authentication, on by default since Ray 2.5x: a local instance is only started with it.
+_NO_AUTH = ("--ray would start a local Ray instance, which listens on all network interfaces, without "
+            "authentication (RAY_AUTH_MODE={mode}): anyone on the network could run code in it. Unset "
+            "RAY_AUTH_MODE (token authentication is Ray's default) or run without --ray.")
+
+
+def token_auth_enabled() -> bool:
+    """Whether the running Ray instance requires its token (``RAY_AUTH_MODE=token``)."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return is_token_auth_enabled()
+
+
+def _refuse_unauthenticated(ray, started: bool = False) -> None:
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if started or mode.strip().lower() == "disabled":
+        from ..errors import AgdError
+
+        raise AgdError(_NO_AUTH.format(mode=mode or "<unset>"))
 
 
 class _Worker:
@@ -59,14 +82,21 @@ class RayPool:
         try:
             import ray
         except ImportError as e:
-            raise ImportError("--ray needs the ray package: pip install ray") from e
+            from .ifeval import MissingPackageError
+
+            raise MissingPackageError("--ray needs the ray package: pip install ray") from e
         from dataclasses import asdict
 
         self.ray = ray
         self._started = not ray.is_initialized()
         if self._started:
             kw = {"address": address} if address else {"num_cpus": num_cpus}
+            if not address:
+                _refuse_unauthenticated(ray)
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+            if not address and not token_auth_enabled():
+                ray.shutdown()
+                _refuse_unauthenticated(ray, started=True)
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         if gpus and spec.device == "cpu":

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RunStore", "RunMismatchError", "summarize", "item_values", "METRICS"]
+from ..errors import AgdError
+
+__all__ = ["RunStore", "RunMismatchError", "RunFileError", "summarize", "item_values", "METRICS"]
 
 # Per task: metric name -> how to read (numerator, denominator) from a record's scores.
 METRICS = {
@@ -24,8 +26,12 @@ METRICS = {
 QUALITY = ["logprob", "repeat4", "words", "tokens"]
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(AgdError):
     """The run directory holds a run with other settings."""
+
+
+class RunFileError(AgdError):
+    """A run directory whose ``run.json`` or ``records.jsonl`` cannot be read (not written by agdecode, or damaged)."""
 
 
 class RunStore:
@@ -46,7 +52,7 @@ class RunStore:
         """Create the run, or check that it has the same ``settings``; return the ids already done."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.run_file.is_file():
-            old = json.loads(self.run_file.read_text())["settings"]
+            old = self.settings()
             if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 raise RunMismatchError(
@@ -83,16 +89,37 @@ class RunStore:
         if not self.records_file.is_file():
             return []
         out, seen = [], set()
-        for line in self.records_file.read_text(encoding="utf-8").splitlines():
+        try:
+            lines = self.records_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise RunFileError(f"{self.records_file} is not UTF-8 text ({e.reason}); it was not written by "
+                               "agdecode or is damaged.") from None
+        for n, line in enumerate(lines, 1):
             if line.strip():
-                r = json.loads(line)
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RunFileError(f"{self.records_file} line {n} is not JSON ({e}); the file is damaged: "
+                                       "delete that line (its item then runs again).") from None
+                if not isinstance(r, dict) or not isinstance(r.get("id"), str):
+                    raise RunFileError(f"{self.records_file} line {n} is not a record (no string 'id').")
                 if r["id"] not in seen:
                     seen.add(r["id"])
                     out.append(r)
         return out
 
     def settings(self) -> dict:
-        return json.loads(self.run_file.read_text())["settings"]
+        """The settings in ``run.json``; a damaged file is refused with a message naming it."""
+        try:
+            settings = json.loads(self.run_file.read_text(encoding="utf-8"))["settings"]
+        except FileNotFoundError:
+            raise RunFileError(f"{self.run_file} not found: not a run directory.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise RunFileError(f"{self.run_file} is not a run file written by agdecode ({type(e).__name__}: {e}); "
+                               "delete the run directory to start over.") from None
+        if not isinstance(settings, dict):
+            raise RunFileError(f"{self.run_file}: 'settings' is not an object; delete the run directory to start over.")
+        return settings
 
 
 def item_values(record: dict, metric: str) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import METRICS, QUALITY, RunStore, item_values
+from .records import METRICS, QUALITY, RunFileError, RunStore, item_values
 
 __all__ = ["load_runs", "build_report", "bootstrap_ci", "paired_vs", "sign_test"]
 
@@ -32,14 +32,14 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
     found = []
     for p in map(Path, paths):
         if not p.exists():
-            raise FileNotFoundError(f"No such run directory: {p}")
+            raise RunFileError(f"No such run directory: {p}")
         for run_file in sorted([p / "run.json"] if (p / "run.json").is_file() else p.rglob("run.json")):
             store = RunStore(run_file.parent)
             found.append({"dir": str(run_file.parent), "settings": store.settings(),
                           "records": [r for r in store.records() if not r.get("error")],
                           "errors": sum(bool(r.get("error")) for r in store.records())})
     if not found:
-        raise FileNotFoundError(f"No run (run.json) under {', '.join(map(str, paths))}.")
+        raise RunFileError(f"No run (run.json) under {', '.join(map(str, paths))}.")
     return found
 
 
@@ -141,23 +141,13 @@ def plot_group(task: str, title: str, rows: list[dict], path: str | Path) -> Pat
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    try:  # the shared house style, where present
-        from ..report.style import method_color, rc_params, save_png
-    except ImportError:  # pragma: no cover - style module not installed
-        rc_params, method_color = (lambda: {}), (lambda name: None)
-
-        def save_png(fig, p):
-            fig.savefig(p, format="png", bbox_inches="tight")
-            plt.close(fig)
-            return Path(p)
+    from ..report.style import method_color, new_figure, rc_params, save_png
     primary = PRIMARY[task]
     names = [r["method"] for r in rows]
     y = np.arange(len(rows))[::-1]
-    with plt.rc_context(rc_params()):
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 0.45 * len(rows) + 1.6), sharey=True)
+    with matplotlib.rc_context(rc_params()):
+        fig = new_figure(figsize=(9, 0.45 * len(rows) + 1.6))
+        ax1, ax2 = fig.subplots(1, 2, sharey=True)
         for i, (yi, r) in enumerate(zip(y, rows)):
             # All AGD variants share the house colour: markers tell them apart.
             style = dict(fmt="osD^vPX*"[i % 8], color=method_color(r["method"]), capsize=3)

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .. import decoding
+from ..errors import AgdError
 from .datasets import qa_messages
 from .methods import resolve_method
 from .records import RunStore, summarize
 from .scoring import quality, response_logprob, score_qa, score_rules
 
-__all__ = ["EvalSpec", "evaluate_item", "evaluate_items", "default_batch_size", "prepare", "run_eval", "item_seed"]
+__all__ = ["EvalSpec", "check_limit", "evaluate_item", "evaluate_items", "default_batch_size", "prepare", "run_eval",
+           "item_seed"]
 
 
 @dataclass
@@ -69,8 +71,8 @@ def default_roi(task: str, items: list[dict]) -> str:
 def _prompt(task: str, item: dict) -> tuple[list[dict], dict]:
     if task == "rules":
         return item["messages"], {}
-    messages, docs = qa_messages(item), item.get("documents")
-    return messages, ({"documents": docs} if docs else {})
+    docs = item.get("documents")
+    return qa_messages(item), ({"documents": docs} if docs else {})
 
 
 def evaluate_item(model, tokenizer, task: str, item: dict, gen_kwargs: dict, seed: int = 0) -> dict:
@@ -174,6 +176,7 @@ def prepare(spec: EvalSpec):
     """
     from .datasets import load_items
 
+    check_limit(spec.limit)
     data = load_items(spec.data, spec.task, spec.on_error)
     if spec.limit is not None:
         data.items = data.items[:spec.limit]
@@ -184,8 +187,23 @@ def prepare(spec: EvalSpec):
     probe = {k: v for k, v in gen.items() if k in fields}
     if probe.get("entropy_threshold") == "auto":
         probe["entropy_threshold"] = 0.0
-    decoding.AGDConfig(**probe).validate()
+    try:
+        decoding.AGDConfig(**probe).validate()
+    except AgdError:
+        raise
+    except ValueError as e:  # the settings' own checks, worded for the API: a bad input of this run
+        raise AgdError(f"method {spec.method!r}: {e}") from None
     return data, gen
+
+
+def check_limit(limit, what: str = "--limit") -> None:
+    """A limit on the number of items is None (all) or a positive integer; 0 or -1 would silently mean something else.
+
+    Example:
+        >>> check_limit(10); check_limit(None)
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AgdError(f"{what} must be a positive number of items (or left out for all), got {limit!r}.")
 
 
 def _settings(spec: EvalSpec, data, gen: dict, identity: dict) -> dict:
@@ -197,6 +215,18 @@ def _settings(spec: EvalSpec, data, gen: dict, identity: dict) -> dict:
 def _local_records(model, tok, spec: EvalSpec, todo: list[dict], gen: dict) -> Iterator[dict]:
     call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
     yield from evaluate_items(model, tok, spec.task, todo, call, spec.seed, spec.batch_size or default_batch_size(spec.device))
+
+
+def _asked(store: RunStore, items: list[dict]) -> list[dict]:
+    """The records of the asked items only: a resumed run with a smaller --limit, or records of other items
+    in the directory, must not change what the summary counts."""
+    asked = {it["id"] for it in items}
+    records = store.records()
+    foreign = sum(r["id"] not in asked for r in records)
+    if foreign:
+        print(f"note: {store.records_file}: {foreign} record(s) of items not asked for this time (another "
+              "--limit or data set) are kept but not counted.", file=sys.stderr)
+    return [r for r in records if r["id"] in asked]
 
 
 def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ray: dict | None = None,
@@ -249,7 +279,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
             bar.close()
         if ray is not None:
             pool.close()
-        summary = summarize(store.records(), spec.task)
+        summary = summarize(_asked(store, data.items), spec.task)
         summary.update(complete=complete, method=spec.method, data=data.name)
         (store.path / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

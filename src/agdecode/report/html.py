@@ -16,20 +16,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Union
 
+from ..errors import AgdError
 from ..trace import GenerationResult
 from .style import PALETTE, css_variables
 
-__all__ = ["Results", "load_results", "report_data", "render_html", "write_html", "show", "register_report"]
+__all__ = ["Results", "TraceFileError", "load_results", "report_data", "render_html", "write_html", "show", "register_report"]
 
 Results = Union[GenerationResult, Mapping[str, GenerationResult]]
 _MARKER = re.compile(r"/\*AGD_CSS\*/|__AGD_TITLE__|__AGD_DATA__")
+
+
+class TraceFileError(AgdError):
+    """A trace file that is missing, not JSON, or not a trace written by agdecode."""
 
 
 def _as_dict(results: Results) -> dict[str, GenerationResult]:
     if isinstance(results, GenerationResult):
         return {results.config.get("method", "agd"): results}
     if not results or not all(isinstance(r, GenerationResult) for r in results.values()):
-        raise ValueError("expected a GenerationResult or a non-empty {name: GenerationResult} mapping")
+        raise AgdError("expected a GenerationResult or a non-empty {name: GenerationResult} mapping")
     return dict(results)
 
 
@@ -42,17 +47,71 @@ def load_results(path: str | Path) -> dict[str, GenerationResult]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no trace file at {path}")
+        raise TraceFileError(f"no trace file at {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not JSON ({e}); expected a trace from `agd generate --json`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TraceFileError(f"{path} is not JSON ({e}); expected a trace from `agd generate --json`") from None
     if isinstance(data, dict) and "steps" in data:
-        return {data.get("config", {}).get("method", "agd"): GenerationResult.from_dict(data)}
-    if isinstance(data, dict) and data and all(isinstance(v, dict) and "steps" in v for v in data.values()):
-        return {name: GenerationResult.from_dict(v) for name, v in data.items()}
-    raise ValueError(f"{path} is not a trace: expected the JSON that `agd generate --json` or "
-                     "GenerationResult.save writes")
+        config = data.get("config")
+        runs = {(config.get("method") if isinstance(config, dict) else None) or "agd": data}
+    elif isinstance(data, dict) and data and all(isinstance(v, dict) and "steps" in v for v in data.values()):
+        runs = data
+    else:
+        raise TraceFileError(f"{path} is not a trace: expected the JSON that `agd generate --json` or "
+                             "GenerationResult.save writes")
+    out = {}
+    for name, d in runs.items():
+        problem = _trace_problem(d)
+        if problem:
+            raise TraceFileError(f"{path} is not a complete trace ({name}: {problem}); expected the JSON that "
+                                 "`agd generate --json` writes")
+        try:
+            out[name] = GenerationResult.from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TraceFileError(f"{path} is not a complete trace ({name}: {type(e).__name__}: {e})") from None
+    return out
+
+
+_TRACE_FIELDS = {"text": str, "token_ids": list, "tokens": list, "prompt": str, "prompt_ids": list, "steps": list}
+_STEP_FIELDS = {"index": int, "entropy": (int, float), "reason": str, "greedy_id": int, "chosen_id": int,
+                "candidates": list}
+
+
+def _trace_problem(d: dict) -> str | None:
+    """What makes ``d`` unusable as a trace (a missing or mistyped field), or None."""
+    for k, t in _TRACE_FIELDS.items():
+        if not isinstance(d.get(k), t):
+            return f"field {k!r} is missing or not a {t.__name__}"
+    if len(d["tokens"]) != len(d["steps"]) or len(d["token_ids"]) != len(d["steps"]):
+        return f"{len(d['steps'])} steps but {len(d['tokens'])} tokens"
+    for i, st in enumerate(d["steps"]):
+        if not isinstance(st, dict):
+            return f"step {i} is not an object"
+        for k, t in _STEP_FIELDS.items():
+            if not isinstance(st.get(k), t) or isinstance(st.get(k), bool):
+                return f"step {i}: field {k!r} is missing or mistyped"
+        for j, c in enumerate(st["candidates"]):
+            if not isinstance(c, dict) or not isinstance(c.get("token_id"), int) or not isinstance(
+                    c.get("prob"), (int, float)):
+                return f"step {i}, candidate {j}: needs 'token_id' and 'prob'"
+            if not isinstance(c.get("token"), str):
+                return f"step {i}, candidate {j}: needs its 'token' text"
+    if not isinstance(d.get("prompt_tokens", []), list):
+        return "field 'prompt_tokens' is not a list"
+    rois = d.get("roi_positions")
+    if not isinstance(rois, dict) or not all(isinstance(v, list) and all(isinstance(p, int) for p in v)
+                                             for v in rois.values()):
+        return "field 'roi_positions' must map ROI names to lists of token positions"
+    if not isinstance(d.get("config"), dict):
+        return "field 'config' is missing or not an object"
+    extra = d.get("extra", {})
+    relevance = extra.get("relevance", {}) if isinstance(extra, dict) else None
+    if not isinstance(relevance, dict) or not all(
+            str(k).isdigit() and isinstance(m, list) and all(v is None or isinstance(v, (int, float)) for v in m)
+            for k, m in relevance.items()):
+        return "field 'extra.relevance' must map step numbers to lists of numbers"
+    return None
 
 
 def _num(x: float | None, digits: int = 4) -> float | None:
@@ -189,7 +248,10 @@ def show(results: Results, title: str | None = None, height: int = 780) -> Path 
 
 
 def cmd_report(args) -> int:
+    from ..cli import check_writable
+
     results = load_results(args.trace)
+    check_writable(args.output or Path(args.trace).with_suffix(".html"), "--output", create_parents=True)
     out = write_html(results, args.output or Path(args.trace).with_suffix(".html"), title=args.title)
     print(f"report written to {out} (open it in a browser; it needs no network)")
     return 0

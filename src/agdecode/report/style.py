@@ -72,7 +72,7 @@ def css_variables() -> str:
 
 
 def rc_params() -> dict[str, Any]:
-    """matplotlib settings of the house style; use with ``plt.rc_context(rc_params())`` to keep them local.
+    """matplotlib settings of the house style; use with ``matplotlib.rc_context(rc_params())`` to keep them local.
 
     Example:
         >>> import matplotlib.pyplot as plt
@@ -144,10 +144,23 @@ def save_png(fig, path: str | Path) -> Path:
     Example:
         >>> save_png(fig, "runs/eval/accuracy.png")
     """
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot: release it there too
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return path
+
+
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` outside pyplot: no backend is chosen or changed (library code must not
+    call ``matplotlib.use``), and nothing is kept alive after saving.
+
+    Example:
+        >>> fig = new_figure(figsize=(4, 3)); ax = fig.subplots(); save_png(fig, "plot.png")
+    """
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
