@@ -1,6 +1,8 @@
 """Batched decoding: each conversation in a batch decodes exactly as it would alone."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -245,3 +247,45 @@ def test_head_discovery_does_not_depend_on_the_batch_size(llama):
     b = discover_heads(model, tok, n_items=5, top=3, batch_size=4)
     torch.testing.assert_close(torch.tensor(a["scores"]["D"]), torch.tensor(b["scores"]["D"]), rtol=1e-4, atol=1e-6)
     assert a["top"] == b["top"]
+
+
+def test_cli_input_jsonl_writes_one_result_per_line_and_resumes(tokenizer, tmp_path, capsys):
+    from agdecode.cli import main
+
+    d = tmp_path / "m"
+    model = make_tiny("llama", len(tokenizer))
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    lines = [{"id": "a", "messages": CONVS[0]}, CONVS[1], {"messages": CONVS[2], "documents": DOCS[2], "id": "c"}]
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(d), "--input", str(f), "--output", str(out), "--max-new-tokens", "3",
+            "--k", "3", "--min-prob", "0", "--batch-size", "2"]
+    assert main(args) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["a", "2", "c"]
+    ref = generate(model, tokenizer, CONVS[0], k=3, min_prob=0.0, max_new_tokens=3)
+    assert recs[0]["token_ids"] == ref.token_ids and recs[0]["text"] == ref.text
+    # Resume: a torn last line is redone, finished ones are kept.
+    out.write_text("\n".join(out.read_text().splitlines()[:1]) + '\n{"id": "2", "te')
+    assert main(args) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines() if x.strip().endswith("}")]
+    assert sorted(r["id"] for r in recs) == ["2", "a", "c"]
+    # A bad line is named before the model loads.
+    f.write_text(json.dumps(lines[0]) + "\n{not json\n" + json.dumps({"messages": "hi"}) + "\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 bad line(s): line 2: not JSON" in err and "line 3: expected a list" in err
+
+
+def test_chat_template_kwargs_reach_the_template(llama):
+    model, tok = llama
+    template = tok.chat_template
+    tok.chat_template = "{% if shout %}LOUD {% endif %}" + template
+    try:
+        loud = generate(model, tok, CONVS[0], method="greedy", max_new_tokens=1, chat_template_kwargs={"shout": True})
+        quiet = generate(model, tok, CONVS[0], method="greedy", max_new_tokens=1)
+    finally:
+        tok.chat_template = template
+    assert loud.prompt.startswith("LOUD ") and not quiet.prompt.startswith("LOUD ")

@@ -53,6 +53,19 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE",
                    help="write the full result(s) with the per-step trace to FILE ('-': standard output, the "
                         "text view then goes to standard error)")
+    g = p.add_argument_group("many conversations")
+    g.add_argument("--input", metavar="FILE.jsonl",
+                   help="one conversation per line: {\"messages\": [...], \"documents\": [...] (optional), \"id\": "
+                        "... (optional)} or a bare list of messages; results go to --output as JSON Lines")
+    g.add_argument("--output", metavar="FILE.jsonl", default="-",
+                   help="with --input: where the results go, one JSON line per conversation, appended as they "
+                        "finish; an existing file is resumed (its ids are skipped) (default: standard output)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="conversations decoded together (default: 8 on CPU, 32 on CUDA)")
+    g = p.add_argument_group("logits processing and stopping (every method)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop a reply once it ends with TEXT (repeatable; the text is kept)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size")
     _add_baseline_args(p.add_argument_group("baselines (each flag is read by one --method)"), d)
 
 
@@ -72,7 +85,8 @@ def _add_baseline_args(g, d) -> None:
                         "Shi et al. also use 1.0)")
     g.add_argument("--dola-layers", type=_layers, default=d.dola_layers,
                    help="dola: premature layers, 'low', 'high' (default) or indices like 8,10,12")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="dola: repetition penalty (default 1.2)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="repetition penalty, any method (default: none; 1.2 with dola, the DoLa authors' setting)")
     g.add_argument("--steer-vector", metavar="FILE", help="steer: a vector saved by `agd steer fit`")
     g.add_argument("--steer-layer", type=int, default=None, help="steer: layer (default: the vector's)")
     g.add_argument("--steer-weight", type=float, default=d.steer_weight,
@@ -146,11 +160,19 @@ def _check_generate_args(args) -> dict:
     from .heads import parse_head_spec
     from .roi import parse_rois
 
-    if args.prompt is None:
+    if args.input is not None:
+        if args.prompt is not None or args.system or args.documents or args.compare:
+            raise AgdError("--input takes the conversations (and their documents) from the file: drop the prompt, "
+                           "--system, --documents and --compare")
+        if args.output != "-":
+            check_writable(args.output, "--output")
+    elif args.prompt is None:
         raise AgdError('give the user message, e.g. agd generate "Tell me about cats." '
-                       '--system "Always answer in French." (see agd generate --help)')
+                       '--system "Always answer in French." (see agd generate --help), or --input FILE.jsonl')
+    if args.batch_size is not None and args.batch_size < 1:
+        raise AgdError(f"--batch-size must be at least 1, got {args.batch_size}")
     rois = args.roi or ["system"]
-    if not args.system and not args.roi and (args.compare or args.method in ("agd", "cad")):
+    if args.input is None and not args.system and not args.roi and (args.compare or args.method in ("agd", "cad")):
         raise AgdError("the default ROI is the system message, and there is none: pass one with --system "
                        "(e.g. --system \"Always answer in French.\") or choose another ROI with --roi (e.g. user).")
     for expr in parse_rois(rois):
@@ -165,7 +187,7 @@ def _check_generate_args(args) -> dict:
         try:
             AGDConfig(method=m, roi=rois, k=args.k, min_prob=args.min_prob,
                       entropy_threshold=args.entropy_threshold, attribution=args.attribution, engine=args.engine,
-                      max_new_tokens=args.max_new_tokens, **settings).validate()
+                      max_new_tokens=args.max_new_tokens, **_processing(args), **settings).validate()
         except AgdError:
             raise
         except ValueError as e:  # the settings' own checks, worded for the API: still a bad input here
@@ -173,6 +195,91 @@ def _check_generate_args(args) -> dict:
     if args.json and args.json != "-":
         check_writable(args.json, "--json")
     return {"documents": _read_documents(args.documents)} if args.documents else {}
+
+
+def _processing(args) -> dict:
+    """The logits-processing and stopping settings of the command line."""
+    return {"stop_strings": args.stop, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+
+
+def read_conversations(path: str) -> list[dict]:
+    """Read ``--input``: one conversation per JSON line; every bad line is named before anything runs.
+
+    Example:
+        >>> read_conversations("convs.jsonl")[0]
+        {'id': '0', 'messages': [{'role': 'user', 'content': 'Hi'}], 'documents': None}
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgdError(f"--input {path}: cannot read it as UTF-8 text ({e})") from None
+    out, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(f"line {n}: not JSON ({e.msg})")
+            continue
+        item = {"messages": obj} if isinstance(obj, list) else obj
+        msgs = item.get("messages") if isinstance(item, dict) else None
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), str) for m in msgs)):
+            bad.append(f"line {n}: expected a list of {{'role', 'content'}} messages, or an object with one "
+                       "under 'messages'")
+            continue
+        docs = item.get("documents")
+        if docs is not None and not isinstance(docs, list):
+            bad.append(f"line {n}: 'documents' must be a list of {{'title', 'text'}}")
+            continue
+        out.append({"id": str(item.get("id", n)), "messages": msgs, "documents": docs})
+    if bad:
+        raise AgdError(f"--input {path}: {len(bad)} bad line(s): " + "; ".join(bad[:5])
+                       + (" ..." if len(bad) > 5 else ""))
+    if not out:
+        raise AgdError(f"--input {path}: no conversations in it")
+    ids = [c["id"] for c in out]
+    if len(set(ids)) != len(ids):
+        raise AgdError(f"--input {path}: ids must be unique (e.g. {next(i for i in ids if ids.count(i) > 1)!r} repeats)")
+    return out
+
+
+def _generate_many(args, model, tok, settings: dict) -> int:
+    """``agd generate --input``: all conversations checked first, then decoded in batches, results appended."""
+    from .decoding import make_jobs, resolve_config
+    from . import generate
+
+    convs = read_conversations(args.input)
+    done = set()
+    if args.output != "-" and Path(args.output).is_file():  # resume: keep the complete lines that are there
+        kept = []
+        for line in Path(args.output).read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+                kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by an interrupted run: dropped, that conversation runs again
+        Path(args.output).write_text("".join(kept), encoding="utf-8")
+    todo = [c for c in convs if c["id"] not in done]
+    cfg = resolve_config(model, tok, **settings)
+    make_jobs(model, tok, cfg, [c["messages"] for c in todo], [c["documents"] for c in todo])  # every input checked
+    batch = args.batch_size or (32 if str(args.device).startswith("cuda") else 8)
+    out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
+    try:
+        for start in range(0, len(todo), 4 * batch):
+            part = todo[start:start + 4 * batch]
+            results = generate(model, tok, [c["messages"] for c in part], documents=[c["documents"] for c in part],
+                               config=cfg, batch_size=batch)
+            for c, r in zip(part, results):
+                out.write(json.dumps({"id": c["id"], **r.to_dict()}, ensure_ascii=False) + "\n")
+            out.flush()
+            print(f"{min(start + len(part), len(todo))}/{len(todo)} conversations done"
+                  + (f" ({len(done)} already in {args.output})" if done else ""), file=sys.stderr)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
 
 
 def _write_json(path: str, payload) -> None:
@@ -191,9 +298,14 @@ def cmd_generate(args) -> int:
     from .report.terminal import print_comparison, print_result
 
     extra = _check_generate_args(args)
+    if args.input is not None:
+        read_conversations(args.input)  # a bad file is refused before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     kw = dict(roi=args.roi or ["system"], k=args.k, min_prob=args.min_prob, entropy_threshold=args.entropy_threshold,
-              attribution=args.attribution, engine=args.engine, max_new_tokens=args.max_new_tokens, **extra)
+              attribution=args.attribution, engine=args.engine, max_new_tokens=args.max_new_tokens,
+              **_processing(args), **extra)
+    if args.input is not None:
+        return _generate_many(args, model, tok, dict(kw, method=args.method, **_baseline_settings(args)))
     messages = _messages(args)
     console = Console(stderr=True) if args.json == "-" else None  # stdout carries the JSON
     if args.compare:

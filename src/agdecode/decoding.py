@@ -498,6 +498,7 @@ def generate(
     logits_processor=None,
     stopping_criteria=None,
     batch_size: int | None = None,
+    chat_template_kwargs: dict | None = None,
     **settings,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate replies with Attribution-Guided Decoding (or greedy, or a baseline), batched.
@@ -521,6 +522,7 @@ def generate(
     ``StoppingCriteriaList``), ``stop_strings=[...]``, ``repetition_penalty``,
     ``no_repeat_ngram_size``, ``bad_words_ids``; ``streamer`` is any Hugging Face streamer (one
     conversation only). Processors and criteria are called per sequence on its own tokens.
+    ``chat_template_kwargs`` go to the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3).
 
     Example:
         >>> model, tok = agdecode.load_model("smollm2")
@@ -538,7 +540,8 @@ def generate(
     if streamer is not None and len(convs) > 1:
         raise AgdError("streamer= streams one conversation; pass one, or use Decoder with Job.on_token")
     cfg = resolve_config(model, tokenizer, config, **settings)
-    jobs = make_jobs(model, tokenizer, cfg, convs, docs, stopping_criteria, names=not single)
+    jobs = make_jobs(model, tokenizer, cfg, convs, docs, stopping_criteria, names=not single,
+                     chat_template_kwargs=chat_template_kwargs)
     decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor, n_rois=len(cfg.roi_list()),
                       heads=any(r.heads is not None for j in jobs for r in j.rois))
     if streamer is not None:
@@ -571,7 +574,7 @@ def resolve_config(model: nn.Module, tokenizer, config: AGDConfig | None = None,
 
 
 def make_jobs(model: nn.Module, tokenizer, cfg: AGDConfig, conversations: Sequence, documents: Sequence | None = None,
-              stopping_criteria=None, names: bool = True) -> list[Job]:
+              stopping_criteria=None, names: bool = True, chat_template_kwargs: dict | None = None) -> list[Job]:
     """Render, check and resolve every conversation (one :class:`Job` each) before any compute.
 
     Everything that can fail on the input (templates, ROIs, lengths, CAD's prompt without the ROI)
@@ -582,7 +585,10 @@ def make_jobs(model: nn.Module, tokenizer, cfg: AGDConfig, conversations: Sequen
         >>> with Decoder(model, tok, cfg) as dec: dec.add(jobs); ...
     """
     documents = [None] * len(conversations) if documents is None else documents
-    prompts = [render_prompt(tokenizer, c, documents=d) for c, d in zip(conversations, documents)]
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise AgdError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+    prompts = [render_prompt(tokenizer, c, documents=d, chat_template_kwargs=chat_template_kwargs)
+               for c, d in zip(conversations, documents)]
     for n, p in enumerate(prompts):
         _check_length(model, len(p), cfg.max_new_tokens, f"Conversation {n}'s prompt" if names else "The prompt")
     if cfg.method == "agd":
