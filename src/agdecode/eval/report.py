@@ -37,6 +37,7 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
             store = RunStore(run_file.parent)
             found.append({"dir": str(run_file.parent), "settings": store.settings(),
                           "records": [r for r in store.records() if not r.get("error")],
+                          "timings": store.timings(),
                           "errors": sum(bool(r.get("error")) for r in store.records())})
     if not found:
         raise FileNotFoundError(f"No run (run.json) under {', '.join(map(str, paths))}.")
@@ -119,7 +120,8 @@ def _table(task: str, runs: list[dict]) -> tuple[str, list[dict]]:
              for k in QUALITY}
         steps = sum(r["trace"]["steps"] for r in recs)
         guided = sum(r["trace"]["guided"] for r in recs) / steps if steps else math.nan
-        secs = np.mean([r["timing"]["generate_s"] for r in recs]) if recs else math.nan
+        t = run.get("timings", {})
+        secs = np.mean([t[r["id"]]["generate_s"] for r in recs if "generate_s" in t.get(r["id"], {})] or [math.nan])
         cells = [run["settings"]["method"], f"{len(recs)}" + (f" (+{run['errors']} errors)" if run["errors"] else "")]
         cells += [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in rates.values()]
         if pv and pv["n"]:
