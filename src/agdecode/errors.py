@@ -1,0 +1,2 @@
+class AgdError(ValueError):
+    """A problem with the user's input or setup, reported as one line."""
