@@ -2,7 +2,7 @@
 
 The paper's tau = 1.734 nats is the 80th percentile of the token-level entropy of greedy generations
 on IHEval with *its* models; smaller models are less certain (SmolLM2-135M's 80th percentile on the
-rule set is ~3.2 nats), so 1.734 would guide far more than 20 % of their steps. ``agd calibrate``
+calibration set is 3.49 nats), so 1.734 would guide far more than 20 % of their steps. ``agd calibrate``
 greedy-decodes a calibration set, records the entropy of every generated step, and stores the chosen
 percentile with the model's identity, the data used and the entropy histogram as a small JSON file
 in the user cache. A calibration is only ever used for the model it was made with.
@@ -167,7 +167,7 @@ def load_calibration(model: nn.Module, path: str | Path | None = None) -> dict:
 
     Example:
         >>> load_calibration(model)["threshold"]
-        3.21
+        3.49
     """
     explicit = path is not None
     path = Path(path) if explicit else calibration_path(model)
