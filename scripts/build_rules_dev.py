@@ -43,7 +43,8 @@ def _overrides(iid: str, task: str, rng: random.Random) -> dict:
     return {}
 
 
-def _pick_rules(task: str, registry, rng: random.Random) -> list[str]:
+def _pick_rules(task: str, registry, rng: random.Random, avoid: tuple[str, ...] = ()) -> list[str]:
+    """1-3 non-conflicting rules, none conflicting with (or equal to) the rules in ``avoid`` either."""
     pool = sorted(registry.INSTRUCTION_DICT)
     if "?" not in task:
         pool.remove("detectable_format:constrained_response")
@@ -53,7 +54,8 @@ def _pick_rules(task: str, registry, rng: random.Random) -> list[str]:
     for iid in rng.sample(pool, len(pool)):
         if len(chosen) == n:
             break
-        if all(iid not in conflicts[c] and c not in conflicts[iid] for c in chosen):
+        if all(iid != c and iid not in conflicts.get(c, ()) and c not in conflicts[iid]
+               for c in [*avoid, *chosen]):
             chosen.append(iid)
     return chosen
 

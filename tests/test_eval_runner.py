@@ -46,7 +46,9 @@ def test_run_records_every_item_with_scores_quality_trace_and_timing(tiny_llama,
     assert [r["id"] for r in recs] == [it["id"] for it in QA] and s["n"] == 5 and s["complete"]
     r = recs[0]
     assert set(r["scores"]) == {"recall", "recall_word"} and r["quality"]["tokens"] == r["trace"]["steps"]
-    assert r["quality"]["logprob"] < 0 and r["timing"]["generate_s"] > 0 and r["config"]["roi"] == ["user"]
+    assert r["quality"]["logprob"] < 0 and "timing" not in r and r["config"]["roi"] == ["user"]
+    timing = json.loads((tmp_path / "out" / "agd" / "timings.jsonl").read_text().splitlines()[0])
+    assert timing["id"] == r["id"] and timing["generate_s"] > 0
     assert r["trace"]["steps"] == 3 and sum(r["trace"]["reasons"].values()) == 3
     run = json.loads((tmp_path / "out" / "agd" / "run.json").read_text())
     assert run["settings"]["generate"] == {"method": "agd", "max_new_tokens": 3, "attribution": "lrp", "roi": "user"}

@@ -2,10 +2,16 @@
 
 The paper's tau = 1.734 nats is the 80th percentile of the token-level entropy of greedy generations
 on IHEval with *its* models; smaller models are less certain (SmolLM2-135M's 80th percentile on the
-rule set is ~3.2 nats), so 1.734 would guide far more than 20 % of their steps. ``agd calibrate``
+calibration set is 3.49 nats), so 1.734 would guide far more than 20 % of their steps. ``agd calibrate``
 greedy-decodes a calibration set, records the entropy of every generated step, and stores the chosen
 percentile with the model's identity, the data used and the entropy histogram as a small JSON file
 in the user cache. A calibration is only ever used for the model it was made with.
+
+The default calibration set is ``rules-calibration`` (IFEval prompts with rules in the system
+message, no prompt shared with the evaluated ``rules`` items), so a gate is never tuned on the items
+it is evaluated on. The package ships the calibration of the built-in model (``data/calibration/``):
+``entropy_threshold="auto"`` looks in the user cache first, then among the shipped files, and a file
+is only ever found by, and checked against, the model's own fingerprint.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ from .errors import AgdError
 from .identity import model_identity, same_model
 from .models import input_device
 
-__all__ = ["model_identity", "calibrate", "calibration_path", "save_calibration", "load_calibration",
-           "calibrated_threshold", "CalibrationError", "BIN_WIDTH"]
+__all__ = ["model_identity", "calibrate", "calibration_path", "shipped_calibration_path", "save_calibration",
+           "load_calibration", "calibrated_threshold", "CalibrationError", "BIN_WIDTH", "DEFAULT_DATA"]
 
 BIN_WIDTH = 0.05  # nats per histogram bin
+DEFAULT_DATA = "rules-calibration"  # disjoint from the evaluated "rules" items
 
 
 class CalibrationError(AgdError):
@@ -46,6 +53,20 @@ def calibration_path(model: nn.Module) -> Path:
 
     ident = model_identity(model)
     return cache_dir() / "calibration" / f"{ident['model_type']}-{ident['fingerprint'][:16]}.json"
+
+
+def shipped_calibration_path(model: nn.Module) -> Path:
+    """Where the package's own calibration of ``model`` would be: ``agdecode/data/calibration/<type>-<fp>.json``.
+
+    Only the built-in model has one; for any other model the path does not exist.
+
+    Example:
+        >>> shipped_calibration_path(model).is_file()   # the built-in SmolLM2
+        True
+    """
+    from importlib import resources
+
+    return Path(str(resources.files("agdecode") / "data" / "calibration")) / calibration_path(model).name
 
 
 def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, percentile: float = 80.0,
@@ -126,14 +147,17 @@ def save_calibration(record: dict, path: str | Path | None = None) -> Path:
 
 
 def load_calibration(model: nn.Module, path: str | Path | None = None) -> dict:
-    """The calibration record of ``model`` (from ``path`` or the cache); refuses one made for another model.
+    """The calibration record of ``model`` (from ``path``, else the user cache, else the package's shipped
+    file for the built-in model); refuses one made for another model.
 
     Example:
         >>> load_calibration(model)["threshold"]
-        3.21
+        3.49
     """
     explicit = path is not None
     path = Path(path) if explicit else calibration_path(model)
+    if not explicit and not path.is_file() and shipped_calibration_path(model).is_file():
+        path = shipped_calibration_path(model)  # the user's own calibration wins; else the package's
     if not path.is_file():
         raise CalibrationError(
             f"No entropy calibration for this model ({_model_hint(model)}) at {path}. "

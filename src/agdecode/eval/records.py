@@ -1,9 +1,13 @@
-"""A run directory: its settings (``run.json``) and its append-only records (``records.jsonl``).
+"""A run directory: its settings (``run.json``), its append-only records (``records.jsonl``) and
+their wall-clock timings (``timings.jsonl``).
 
 Each finished item is one JSON line, written with a single ``write`` and flushed to disk before the
 next item starts, so a crash or Ctrl-C loses at most the item in progress. On resume a torn last
 line (a kill in the middle of a write) is cut off, the ids already present are skipped, and a
 run directory made with other settings is refused rather than mixed.
+
+A record's ``timing`` goes to ``timings.jsonl`` (one ``{"id": ..., "generate_s": ...}`` line per
+item), not into ``records.jsonl``: two runs of the same settings then write byte-identical records.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class RunStore:
         self.path = Path(path)
         self.run_file = self.path / "run.json"
         self.records_file = self.path / "records.jsonl"
+        self.timings_file = self.path / "timings.jsonl"
 
     def open(self, settings: dict, info: dict | None = None) -> set[str]:
         """Create the run, or check that it has the same ``settings``; return the ids already done."""
@@ -77,12 +82,33 @@ class RunStore:
                 f.truncate(good)
 
     def append(self, record: dict) -> None:
-        """Append one record durably (one write, flushed and fsync'ed)."""
-        line = json.dumps(record, ensure_ascii=False, default=float) + "\n"
-        with open(self.records_file, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one record durably (one write, flushed and fsync'ed); its ``timing`` goes to ``timings.jsonl``.
+
+        The record is written first: a kill between the two writes loses a timing, never a record.
+        """
+        record = dict(record)
+        timing = record.pop("timing", None)
+        _append_line(self.records_file, record)
+        if timing is not None:
+            _append_line(self.timings_file, {"id": record["id"], **timing})
+
+    def timings(self) -> dict[str, dict]:
+        """Item id -> its timing (seconds), the last line of each id; unreadable lines are skipped.
+
+        Example:
+            >>> store.timings()["rules-000"]["generate_s"]
+            2.64
+        """
+        out: dict[str, dict] = {}
+        if self.timings_file.is_file():
+            for line in self.timings_file.read_text(encoding="utf-8").splitlines():
+                try:
+                    t = json.loads(line)
+                except json.JSONDecodeError:  # a torn line from a kill: timings are only indicative
+                    continue
+                if isinstance(t, dict) and "id" in t:
+                    out[t.pop("id")] = t
+        return out
 
     def records(self) -> list[dict]:
         """The records, first occurrence of each id only."""
@@ -122,6 +148,14 @@ class RunStore:
         return settings
 
 
+def _append_line(path: Path, obj: dict) -> None:
+    line = json.dumps(obj, ensure_ascii=False, default=float) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def item_values(record: dict, metric: str) -> tuple[float, float]:
     """(numerator, denominator) of ``metric`` for one record: instruction-level rule metrics weigh each
     instruction, everything else each item.
@@ -136,12 +170,13 @@ def item_values(record: dict, metric: str) -> tuple[float, float]:
     return float(v), 1.0
 
 
-def summarize(records: list[dict], task: str) -> dict:
+def summarize(records: list[dict], task: str, timings: dict[str, dict] | None = None) -> dict:
     """The summary of a run: accuracy metrics, quality proxies, trace statistics (deterministic), and
-    timings (kept apart, since they differ between otherwise identical runs).
+    the timings of ``timings`` (``RunStore.timings()``; kept apart, since they differ between
+    otherwise identical runs).
 
     Example:
-        >>> summarize(store.records(), "qa")["metrics"]["recall"]
+        >>> summarize(store.records(), "qa", store.timings())["metrics"]["recall"]
         0.42
     """
     ok = [r for r in records if not r.get("error")]
@@ -158,8 +193,10 @@ def summarize(records: list[dict], task: str) -> dict:
              "guided_fraction": sum(r["trace"]["guided"] for r in ok) / steps if steps else None,
              "overrides_per_item": float(np.mean([r["trace"]["overrides"] for r in ok])) if ok else None,
              "gated_fraction": sum(r["trace"]["gated"] for r in ok) / steps if steps else None}
-    timing = {"generate_s_mean": float(np.mean([r["timing"]["generate_s"] for r in ok])) if ok else None,
-              "generate_s_total": float(sum(r["timing"]["generate_s"] for r in ok))}
+    timings = timings or {}
+    secs = [timings[r["id"]]["generate_s"] for r in ok if "generate_s" in timings.get(r["id"], {})]
+    timing = {"generate_s_mean": float(np.mean(secs)) if secs else None, "generate_s_total": float(sum(secs)),
+              "n_timed": len(secs)}
     return {"task": task, "n": len(ok), "n_errors": len(records) - len(ok),
             "scorer_errors": sum(bool(r["scores"].get("errors")) for r in ok),
             "metrics": metrics, "quality": quality, "trace": trace, "timing": timing}

@@ -3,23 +3,66 @@
 Every rate comes with a 95 % bootstrap confidence interval over items (percentile method, 2,000
 resamples, seeded); instruction-level rule accuracy resamples items, not instructions. Each method
 is also compared with greedy on the items both ran: the mean paired difference of the main metric
-with its bootstrap CI, the items it wins and loses, and an exact sign-test p-value on those.
+with its bootstrap CI, the items it wins and loses, an exact sign-test p-value on those, and that
+p-value Holm-adjusted over the comparisons of the table (Holm-Bonferroni: the family-wise error rate
+of the table stays at 5 % when significance is read from the adjusted p).
+
+Runs are read from run directories (``records.jsonl``) or from their compressed archives
+(``records.jsonl.gz``, written by :func:`archive_runs`, the form committed under ``docs/results/``).
+:func:`update_doc` rewrites the tables of a markdown file between ``<!-- table:NAME -->`` and
+``<!-- /table:NAME -->`` markers, so a document's numbers are regenerated from committed records.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .records import METRICS, QUALITY, RunFileError, RunStore, item_values
+from ..errors import AgdError
+from .records import METRICS, QUALITY, RunFileError, item_values
 
-__all__ = ["load_runs", "build_report", "bootstrap_ci", "paired_vs", "sign_test"]
+__all__ = ["load_runs", "build_report", "bootstrap_ci", "paired_vs", "sign_test", "holm", "markdown_tables",
+           "update_doc", "archive_runs", "ReportError"]
 
 PRIMARY = {"rules": "prompt_strict", "qa": "recall"}
 B = 2000
+_MARKER = re.compile(r"<!-- table:(?P<name>[A-Za-z0-9._:@-]+) -->\n.*?<!-- /table:(?P=name) -->", re.S)
+
+
+class ReportError(AgdError):
+    """A report input that cannot be used: no runs, an unknown table marker, an unreadable archive."""
+
+
+def _read_jsonl(folder: Path, name: str) -> list[dict]:
+    """The JSON lines of ``folder/name`` or of its archive ``name.gz``."""
+    if (folder / name).is_file():
+        text = (folder / name).read_text(encoding="utf-8")
+    elif (folder / (name + ".gz")).is_file():
+        with gzip.open(folder / (name + ".gz"), "rt", encoding="utf-8") as f:
+            text = f.read()
+    else:
+        return []
+    out, lines = [], text.splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # a torn last line of an interrupted run
+                continue
+            raise ReportError(f"{folder / name}: line {n} is not JSON; the file is damaged "
+                              "(only a torn last line is tolerated)") from None
+    return out
+
+
+def _first_per_id(rows: list[dict]) -> list[dict]:
+    seen: set = set()
+    return [r for r in rows if r.get("id") not in seen and not seen.add(r.get("id"))]
 
 
 def load_runs(paths: list[str | Path]) -> list[dict]:
@@ -34,10 +77,21 @@ def load_runs(paths: list[str | Path]) -> list[dict]:
         if not p.exists():
             raise RunFileError(f"No such run directory: {p}")
         for run_file in sorted([p / "run.json"] if (p / "run.json").is_file() else p.rglob("run.json")):
-            store = RunStore(run_file.parent)
-            found.append({"dir": str(run_file.parent), "settings": store.settings(),
-                          "records": [r for r in store.records() if not r.get("error")],
-                          "errors": sum(bool(r.get("error")) for r in store.records())})
+            folder = run_file.parent
+            try:
+                settings = json.loads(run_file.read_text())["settings"]
+                settings["task"], settings["method"], settings["data"]["name"], settings["model"]["fingerprint"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise ReportError(f"{run_file}: not a run description, i.e. is not a run file written by agd eval "
+                                  f"({type(e).__name__}: {e})") from None
+            try:
+                records = _first_per_id(_read_jsonl(folder, "records.jsonl"))
+                timings = {t["id"]: t for t in _read_jsonl(folder, "timings.jsonl") if "id" in t}
+            except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+                raise ReportError(f"{folder}: cannot read its records ({e})") from None
+            found.append({"dir": str(folder), "settings": settings,
+                          "records": [r for r in records if not r.get("error")], "timings": timings,
+                          "errors": sum(bool(r.get("error")) for r in records)})
     if not found:
         raise RunFileError(f"No run (run.json) under {', '.join(map(str, paths))}.")
     return found
@@ -70,6 +124,22 @@ def sign_test(wins: int, losses: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given (step-down, monotone, capped at 1).
+
+    Example:
+        >>> holm([0.01, 0.04, 0.03])
+        [0.03, 0.06, 0.06]
+    """
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def paired_vs(run: dict, base: dict, metric: str, seed: int = 0) -> dict:
@@ -108,25 +178,30 @@ def _fmt(v, digits: int = 3) -> str:
 def _table(task: str, runs: list[dict]) -> tuple[str, list[dict]]:
     base = next((r for r in runs if r["settings"]["method"] == "greedy"), None)
     primary, rows = PRIMARY[task], []
-    head = ["method", "n"] + METRICS[task] + [f"Δ {primary} vs greedy", "won/lost", "p",
+    head = ["method", "n"] + METRICS[task] + [f"Δ {primary} vs greedy", "won/lost", "p", "p (Holm)",
                                                 "logprob", "repeat4", "words", "guided", "s/item"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    paired = {id(r): paired_vs(r, base, primary) for r in runs if base is not None and r is not base}
+    tested = [k for k, pv in paired.items() if pv["n"]]
+    adjusted = dict(zip(tested, holm([paired[k]["p"] for k in tested])))
     for run in runs:
         recs = run["records"]
         rates = {m: _rate(run, m) for m in METRICS[task]}
-        pv = paired_vs(run, base, primary) if base is not None and run is not base else None
+        pv = paired.get(id(run))
         q = {k: np.mean([r["quality"][k] for r in recs if r["quality"].get(k) is not None] or [math.nan])
              for k in QUALITY}
         steps = sum(r["trace"]["steps"] for r in recs)
         guided = sum(r["trace"]["guided"] for r in recs) / steps if steps else math.nan
-        secs = np.mean([r["timing"]["generate_s"] for r in recs]) if recs else math.nan
+        t = run.get("timings", {})
+        secs = np.mean([t[r["id"]]["generate_s"] for r in recs if "generate_s" in t.get(r["id"], {})] or [math.nan])
         cells = [run["settings"]["method"], f"{len(recs)}" + (f" (+{run['errors']} errors)" if run["errors"] else "")]
         cells += [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in rates.values()]
         if pv and pv["n"]:
             cells += [f"{pv['delta']:+.3f} [{pv['lo']:+.3f}, {pv['hi']:+.3f}] (n={pv['n']})",
-                      f"{pv['wins']}/{pv['losses']}", _fmt(pv["p"], 3)]
+                      f"{pv['wins']}/{pv['losses']}", _fmt(pv["p"], 3), _fmt(adjusted[id(run)], 3)]
+            pv = {**pv, "p_holm": adjusted[id(run)]}
         else:
-            cells += ["(baseline)" if run is base else "-", "-", "-"]
+            cells += ["(baseline)" if run is base else "-", "-", "-", "-"]
         cells += [_fmt(q["logprob"], 2), _fmt(q["repeat4"], 3), _fmt(q["words"], 1), _fmt(guided, 2), _fmt(secs, 2)]
         lines.append("| " + " | ".join(cells) + " |")
         rows.append({"method": run["settings"]["method"], "rates": rates, "paired": pv})
@@ -164,20 +239,130 @@ def plot_group(task: str, title: str, rows: list[dict], path: str | Path) -> Pat
         return save_png(fig, path)
 
 
+def _set_name(task: str, data: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]+", "-", f"{task}-{data}")
+
+
+def _groups(runs: list[dict]) -> dict[str, tuple[tuple, list[dict]]]:
+    """Runs by table: ``<task>-<data>`` names (with the model appended where a set ran on several)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(_group_key(run), []).append(run)
+    per_set: dict[tuple, int] = {}
+    for task, data, _ in groups:
+        per_set[(task, data)] = per_set.get((task, data), 0) + 1
+    named = {}
+    for key, group in sorted(groups.items()):
+        task, data, model = key
+        name = _set_name(task, data)
+        if per_set[(task, data)] > 1:
+            name += "-" + model.replace(":", "-")
+        group.sort(key=lambda r: (r["settings"]["method"] != "greedy", r["settings"]["method"]))
+        named[name] = (key, group)
+    return named
+
+
+def markdown_tables(paths: list[str | Path]) -> dict[str, str]:
+    """One markdown table per task x data set (x model) of the runs under ``paths``, by table name.
+
+    Names are ``<task>-<data>`` (e.g. ``rules-rules``, ``qa-nq-open-book``): the names of the
+    ``<!-- table:NAME -->`` markers :func:`update_doc` fills.
+
+    Example:
+        >>> print(markdown_tables(["docs/results"])["rules-rules"])
+        | method | n | prompt_strict | ...
+    """
+    return {name: _table(key[0], group)[0] for name, (key, group) in _groups(load_runs(paths)).items()}
+
+
+def marked_blocks(text: str) -> dict[str, str]:
+    """The tables between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in ``text``, by name.
+
+    Example:
+        >>> marked_blocks("<!-- table:a -->\n| x |\n<!-- /table:a -->")
+        {'a': '| x |'}
+    """
+    return {m["name"]: m.group(0).split("\n", 1)[1].rsplit("\n", 1)[0].strip("\n") for m in _MARKER.finditer(text)}
+
+
+def update_doc(doc: str | Path, paths: list[str | Path], check: bool = False) -> list[str]:
+    """Rewrite every marked table of ``doc`` from the runs under ``paths``; return the names of those that changed.
+
+    A marker whose table the runs do not make is an error (the document would keep numbers no
+    record backs). With ``check`` nothing is written: the changed names say whether the doc is stale.
+
+    Example:
+        >>> update_doc("docs/results.md", ["docs/results"])
+        []
+    """
+    doc = Path(doc)
+    text = doc.read_text(encoding="utf-8")
+    tables = markdown_tables(paths)
+    old = marked_blocks(text)
+    if not old:
+        raise ReportError(f"{doc} has no table markers (<!-- table:NAME --> ... <!-- /table:NAME -->); "
+                          f"tables available: {', '.join(tables)}")
+    missing = sorted(set(old) - set(tables))
+    if missing:
+        raise ReportError(f"{doc}: no runs for the marked table(s) {', '.join(missing)} under "
+                          f"{', '.join(map(str, paths))} (tables available: {', '.join(tables) or 'none'})")
+    changed = [name for name in old if old[name] != tables[name]]
+    if changed and not check:
+        new = _MARKER.sub(lambda m: f"<!-- table:{m['name']} -->\n{tables[m['name']]}\n<!-- /table:{m['name']} -->",
+                          text)
+        doc.write_text(new, encoding="utf-8")
+    return changed
+
+
+def _gzip_bytes(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    # mtime=0 and no file name: the same records always compress to the same bytes (no churn in git).
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
+        f.write(data)
+    return buf.getvalue()
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, default=float) + "\n" for r in rows).encode("utf-8")
+
+
+def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
+    """Copy the runs under ``paths`` to ``dest/<task>-<data>/<method>/`` in committable form.
+
+    Each run becomes ``run.json`` (as written), ``records.jsonl.gz`` (one record per item, sorted
+    by id) and ``timings.jsonl.gz``; gzip is written without a time stamp, so archiving the same
+    records twice gives the same bytes. Existing archives of the same runs are replaced.
+
+    Example:
+        >>> archive_runs(["runs/results/rules"], "docs/results")
+        [PosixPath('docs/results/rules-rules/greedy'), ...]
+    """
+    out = []
+    for run in load_runs(paths):
+        s = run["settings"]
+        folder = Path(dest) / _set_name(s["task"], s["data"]["name"]) / s["method"].replace("/", "_")
+        src = Path(run["dir"])
+        if folder.resolve() == src.resolve():
+            raise ReportError(f"{src} is already an archive; archive run directories into another folder")
+        records = sorted(_first_per_id(_read_jsonl(src, "records.jsonl")), key=lambda r: str(r["id"]))
+        timings = sorted(run["timings"].values(), key=lambda t: str(t["id"]))
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "run.json", folder / "run.json")
+        for name, rows in (("records.jsonl.gz", records), ("timings.jsonl.gz", timings)):
+            (folder / name).write_bytes(_gzip_bytes(_jsonl(rows)))
+        out.append(folder)
+    return out
+
+
 def build_report(paths: list[str | Path], out_dir: str | Path | None = None, plots: bool = True) -> str:
     """Markdown tables (one per task x data set x model) for the runs under ``paths``; PNGs into ``out_dir``.
 
     Example:
         >>> print(build_report(["runs/pilot"], "runs/pilot"))
     """
-    runs = load_runs(paths)
     out = Path(out_dir or paths[0])
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault(_group_key(run), []).append(run)
     parts = []
-    for (task, data, model), group in sorted(groups.items()):
-        group.sort(key=lambda r: (r["settings"]["method"] != "greedy", r["settings"]["method"]))
+    for (task, data, model), group in _groups(load_runs(paths)).values():
         table, rows = _table(task, group)
         s = group[0]["settings"]
         title = f"{task} / {data} ({s['model']['model_type']}, {Path(s['model']['name_or_path']).name or '?'})"

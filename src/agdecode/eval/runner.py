@@ -279,7 +279,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
             bar.close()
         if ray is not None:
             pool.close()
-        summary = summarize(_asked(store, data.items), spec.task)
+        summary = summarize(_asked(store, data.items), spec.task, store.timings())
         summary.update(complete=complete, method=spec.method, data=data.name)
         (store.path / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
