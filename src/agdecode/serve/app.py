@@ -85,7 +85,7 @@ class AgdServer:
         without ``agd.method``: ``sample`` with that temperature, ``top_p`` (default 1) and ``seed``
         (default 0). temperature > 0 with a method other than ``sample``: refused.
         """
-        agd = req.agd.settings()
+        agd = req.agd.settings() if req.agd is not None else {}
         temperature = req.temperature or 0.0
         method = agd.get("method") or ("sample" if temperature > 0 else self.defaults.get("method", "agd"))
         if method != "sample" and temperature > 0:
@@ -121,7 +121,7 @@ class AgdServer:
             cfg = replace(cfg, max_new_tokens=job.max_new_tokens)
         heads = any(r.heads is not None for r in job.rois)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        return Request(rid, job, cfg, done=_ignore, heads=heads), req.agd.trace
+        return Request(rid, job, cfg, done=_ignore, heads=heads), req.agd is not None and req.agd.trace
 
 
 def _ignore(result, error) -> None:
@@ -165,9 +165,10 @@ def _agd_info(result: GenerationResult, req: Request, trace: bool) -> dict:
 
 
 def _error_status(error: BaseException) -> ApiError:
+    """A configuration the model cannot run is the request's problem (400); anything else is ours (500)."""
     if isinstance(error, ValueError):
         return ApiError(400, str(error))
-    return ApiError(500, f"decoding failed: {type(error).__name__}: {error}", type="server_error")
+    return ApiError(500, f"decoding failed: {error}", type="server_error")
 
 
 def create_app(server: AgdServer, replica: str | None = None):
@@ -250,7 +251,8 @@ def create_app(server: AgdServer, replica: str | None = None):
     async def health():
         if not server.scheduler.accepting:
             return JSONResponse({"status": "shutting down"}, status_code=503, headers=headers)
-        return JSONResponse({"status": "ok", "pending": server.scheduler.pending()}, headers=headers)
+        return JSONResponse({"status": "ok", "pending": server.scheduler.pending(),
+                             "max_batch_seen": server.scheduler.max_rows_seen}, headers=headers)
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):

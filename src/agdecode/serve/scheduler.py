@@ -26,9 +26,13 @@ from typing import Callable
 from ..decoding import AGDConfig, Decoder, Job
 from ..trace import GenerationResult
 
-__all__ = ["Request", "Scheduler", "config_key"]
+__all__ = ["DecodingError", "Request", "Scheduler", "config_key"]
 
 log = logging.getLogger("agdecode.serve")
+
+
+class DecodingError(RuntimeError):
+    """Decoding failed after the request was accepted (a server-side problem, not the request's)."""
 
 
 def config_key(cfg: AGDConfig, heads: bool) -> str:
@@ -125,7 +129,7 @@ class Scheduler:
                     self._step()
             except Exception as e:  # a broken batch fails its requests, never the server
                 log.exception("decoding failed; failing %d request(s)", len(self._live))
-                self._fail_all(e)
+                self._fail_all(DecodingError(f"{type(e).__name__}: {e}"))
             if self._decoder is not None and not self._decoder.jobs:
                 self._close_decoder()
         self._close_decoder()

@@ -105,7 +105,7 @@ class ChatRequest(BaseModel):
     functions: list | None = None
     response_format: dict | None = None
     # Extensions.
-    agd: AgdOptions = Field(default_factory=AgdOptions)
+    agd: AgdOptions | None = None
     documents: list[Document] | None = None
 
     @field_validator("stop")
