@@ -403,7 +403,14 @@ def register_calibrate(sub) -> None:
     register(sub)
 
 
-COMMANDS = [register_generate, register_report, register_steer, register_heads, register_bench, register_eval, register_calibrate]
+def register_serve(sub) -> None:
+    from .serve import register_serve as register
+
+    register(sub)
+
+
+COMMANDS = [register_generate, register_report, register_steer, register_heads, register_bench, register_eval, register_calibrate,
+            register_serve]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,230 @@
+"""Continuous batching for the server: one thread owns the model and runs every request's decoding.
+
+Requests arrive from any thread (the HTTP event loop) as :class:`Request` objects holding a checked
+:class:`~agdecode.decoding.Job`. At every step boundary the scheduler admits waiting requests into
+the running :class:`~agdecode.decoding.Decoder` (they join the batch while it decodes; nothing waits
+for a full batch), steps it once, and hands each finished job back through its callback.
+
+One decoder runs at a time. A decoder is one decoding configuration (method, ROI, k, ...): its
+source patches the model for its whole life (the forward engine runs the model in dual mode, over
+1 + R rows per sequence), so two decoders with different sources cannot share the model at once.
+Requests with the running configuration join it; a request with another configuration waits until
+the batch ahead of it has finished, and the requests behind it wait for it (first come, first served
+between configurations, so none starves). The common case, every request on the server's default
+settings or one client's settings, is a single batch that requests join and leave at every step.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..decoding import AGDConfig, Decoder, Job
+from ..trace import GenerationResult
+
+__all__ = ["DecodingError", "Request", "Scheduler", "config_key"]
+
+log = logging.getLogger("agdecode.serve")
+
+
+class DecodingError(RuntimeError):
+    """Decoding failed after the request was accepted (a server-side problem, not the request's)."""
+
+
+def config_key(cfg: AGDConfig, heads: bool) -> str:
+    """What makes two requests able to share a decoder: every setting except the per-job ones.
+
+    ``max_new_tokens`` and ``stop_strings`` live on each :class:`Job` (its budget and its stopping
+    criteria), so requests that differ only in those share a batch.
+
+    Example:
+        >>> config_key(AGDConfig(max_new_tokens=5), False) == config_key(AGDConfig(max_new_tokens=9), False)
+        True
+    """
+    d = cfg.to_dict()
+    d.pop("max_new_tokens"), d.pop("stop_strings")
+    return repr(sorted(d.items())) + f" heads={heads}"
+
+
+@dataclass
+class Request:
+    """A checked job, its configuration and where its outcome goes (called in the scheduler thread)."""
+
+    id: str
+    job: Job
+    config: AGDConfig
+    done: Callable[[GenerationResult | None, BaseException | None], None]
+    heads: bool = False
+    key: str = ""
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.key = self.key or config_key(self.config, self.heads)
+
+
+class Scheduler:
+    """The decoding thread. ``submit`` from anywhere; ``close`` drains what was submitted, then stops.
+
+    ``max_batch`` caps the sequences decoding at once; more requests wait for a free row.
+
+    Example:
+        >>> sched = Scheduler(model, tok, max_batch=16).start()
+        >>> sched.submit(Request("r1", job, cfg, done=lambda result, error: print(result.text)))
+        >>> sched.close()
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 16):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Request] = deque()
+        self._decoder: Decoder | None = None
+        self._key: str | None = None
+        self._live: dict[int, Request] = {}   # id(job) -> request, for the running decoder's jobs
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agd-scheduler", daemon=True)
+        self.steps = 0
+        self.max_rows_seen = 0
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing.is_set() and self._thread.is_alive()
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; it joins the batch at the next step boundary it can."""
+        if not self.accepting:
+            raise RuntimeError("the server is shutting down")
+        self._inbox.put(request)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish every submitted one, stop the thread."""
+        self._closing.set()
+        self._inbox.put(None)  # wake an idle loop
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def pending(self) -> int:
+        """Requests submitted and not finished (waiting or decoding)."""
+        return self._inbox.qsize() + len(self._waiting) + len(self._live)
+
+    # --- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._take(block=not self._live and not self._waiting)
+            if self._closing.is_set() and not self._live and not self._waiting and self._inbox.empty():
+                break
+            try:
+                self._admit()
+                if self._decoder is not None and self._decoder.jobs:
+                    self._step()
+            except Exception as e:  # a broken batch fails its requests, never the server
+                log.exception("decoding failed; failing %d request(s)", len(self._live))
+                self._fail_all(DecodingError(f"{type(e).__name__}: {e}"))
+            if self._decoder is not None and not self._decoder.jobs:
+                self._close_decoder()
+        self._close_decoder()
+
+    def _take(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch: those of the running configuration that are ahead
+        of the first request with another one, up to ``max_batch`` rows."""
+        while self._waiting and self._waiting[0].job.cancelled:
+            self._finish_cancelled(self._waiting.popleft())
+        if not self._waiting:
+            return
+        if self._decoder is None:
+            self._open_decoder(self._waiting[0])
+            if self._decoder is None:
+                return
+        joining = []
+        while (self._waiting and self._waiting[0].key == self._key
+               and len(self._decoder.jobs) + len(joining) < self.max_batch):
+            req = self._waiting.popleft()
+            if req.job.cancelled:
+                self._finish_cancelled(req)
+            else:
+                joining.append(req)
+        if not joining:
+            return
+        for req in joining:
+            self._live[id(req.job)] = req
+        try:
+            self._decoder.add([r.job for r in joining])
+        except Exception as e:
+            log.warning("prefill failed for %s: %s", ", ".join(r.id for r in joining), e)
+            raise
+        rows = len(self._decoder.jobs)
+        self.max_rows_seen = max(self.max_rows_seen, rows)
+        for req in joining:
+            log.info("request %s joined the batch (%d rows; waited %.3f s)", req.id, rows,
+                     time.perf_counter() - req.submitted)
+
+    def _open_decoder(self, req: Request) -> None:
+        cfg = req.config
+        decoder = Decoder(self.model, self.tokenizer, cfg, n_rois=len(cfg.roi_list()), heads=req.heads)
+        try:
+            decoder.__enter__()
+        except Exception as e:
+            # This configuration cannot run: fail every waiting request that has it.
+            same = [r for r in self._waiting if r.key == req.key]
+            self._waiting = deque(r for r in self._waiting if r.key != req.key)
+            for r in same:
+                r.done(None, e)
+            log.warning("cannot start a decoder for %s: %s", req.id, e)
+            return
+        self._decoder, self._key = decoder, req.key
+        log.info("decoder started: method=%s", cfg.method)
+
+    def _close_decoder(self) -> None:
+        if self._decoder is not None:
+            try:
+                self._decoder.__exit__(None, None, None)
+            finally:
+                self._decoder, self._key = None, None
+
+    def _step(self) -> None:
+        rows = len(self._decoder.jobs)
+        self.steps += 1
+        log.debug("step %d: batch of %d rows", self.steps, rows)
+        finished = self._decoder.step()
+        for job in finished:
+            req = self._live.pop(id(job))
+            log.info("request %s finished: %s after %d tokens (%d rows left)", req.id, job.finish_reason,
+                     len(job.out_ids), len(self._decoder.jobs))
+            try:
+                result = self._decoder.result(job)
+            except Exception as e:
+                req.done(None, e)
+            else:
+                req.done(result, None)
+
+    def _finish_cancelled(self, req: Request) -> None:
+        req.job.finish_reason = "cancelled"
+        log.info("request %s finished: cancelled before it started", req.id)
+        req.done(None, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        live, self._live = list(self._live.values()), {}
+        if self._decoder is not None:
+            self._decoder.jobs = []
+        for req in live:
+            req.done(None, error)

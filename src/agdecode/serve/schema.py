@@ -1,0 +1,135 @@
+"""The OpenAI chat-completions request schema (the part a local AGD server can honour), as pydantic models.
+
+Fields of the OpenAI API that change nothing here (``user``, ``metadata``, ``store``, ...) are
+accepted and ignored, as by other OpenAI-compatible servers; fields that would change the answer in
+a way this server cannot (``n`` > 1, tools, logprobs, penalties) are refused by :func:`unsupported`
+rather than silently dropped. AGD's own settings ride in the extension object ``agd`` (unknown keys
+there are refused: a typo must not silently fall back to a default) and ``documents``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+__all__ = ["AgdOptions", "ChatRequest", "Document", "Message", "unsupported"]
+
+_Number = StrictFloat  # strict: a JSON integer is a number, true is not
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    """One chat message; ``developer`` is OpenAI's newer name for ``system``."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class Document(BaseModel):
+    """A document for ``roi="context"`` / ``"document:N"``, rendered before the last user message."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: StrictStr = ""
+    text: StrictStr
+
+
+# ``heads:NAME`` may name a shipped set or layer.head pairs; a file path would read the server's disk.
+_HEADS = re.compile(r"heads:\s*(\S+)")
+_HEADS_OK = re.compile(r"(parametric|in-context|[\d.,]+)\)?")
+
+
+class AgdOptions(BaseModel):
+    """The ``agd`` extension object: AGD settings for this request (absent = the server's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: StrictStr | None = None
+    roi: StrictStr | list[StrictStr] | None = None
+    k: StrictInt | None = None
+    min_prob: _Number | None = None
+    entropy_threshold: _Number | Literal["auto"] | None = None
+    attribution: StrictStr | None = None
+    trace: StrictBool = False
+
+    @field_validator("roi")
+    @classmethod
+    def _no_files(cls, roi):
+        for r in [roi] if isinstance(roi, str) else roi or []:
+            for name in _HEADS.findall(r):
+                if not _HEADS_OK.fullmatch(name):
+                    raise ValueError(f"heads ROI {name!r}: over HTTP only 'parametric', 'in-context' or "
+                                     "layer.head pairs like 3.1,4.5 are accepted (no files)")
+        return roi
+
+    def settings(self) -> dict:
+        """The AGDConfig settings this request sets (``entropy_threshold: null`` = off, so it counts)."""
+        return self.model_dump(exclude_unset=True, exclude={"trace"})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: _Number | None = Field(None, ge=0, le=2)
+    top_p: _Number | None = Field(None, gt=0, le=1)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    n: StrictInt | None = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    # Refused unless absent or neutral (see unsupported()).
+    presence_penalty: _Number | None = None
+    frequency_penalty: _Number | None = None
+    logit_bias: dict | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+    # Extensions.
+    agd: AgdOptions | None = None
+    documents: list[Document] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("stop must be a non-empty string or a list of at most 4 non-empty strings")
+        return stops or None
+
+    def conversation(self) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def unsupported(req: ChatRequest) -> tuple[str, str] | None:
+    """``(param, message)`` for the first feature this server does not implement, else None."""
+    checks = [
+        ("n", req.n not in (None, 1), "n must be 1: AGD decoding gives one completion per request"),
+        ("presence_penalty", req.presence_penalty not in (None, 0), "presence_penalty is not supported (use 0)"),
+        ("frequency_penalty", req.frequency_penalty not in (None, 0), "frequency_penalty is not supported (use 0)"),
+        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+        ("logprobs", bool(req.logprobs) or req.top_logprobs is not None, "logprobs are not supported"),
+        ("tools", bool(req.tools) or bool(req.functions), "tools and functions are not supported"),
+        ("response_format", req.response_format not in (None, {"type": "text"}),
+         "response_format other than {'type': 'text'} is not supported"),
+    ]
+    return next(((param, msg) for param, bad, msg in checks if bad), None)

@@ -1,0 +1,357 @@
+"""``agd serve``: a real server on a free port, talked to with the real ``openai`` client.
+
+The server decodes a tiny random Llama (SmolLM2's tokenizer); the references come from
+``agdecode.generate`` on an identical copy of the model (the server's copy is busy in its own thread).
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import agdecode  # noqa: E402
+from agdecode.serve.app import AgdServer, create_app, safe_text  # noqa: E402
+from conftest import make_tiny  # noqa: E402
+
+KEY = "sk-test-key"
+CONV = [{"role": "system", "content": "Always answer in French."}, {"role": "user", "content": "Tell me about cats."}]
+# min_prob=0: the tiny random model is never sure of anything, so attribution decides most steps.
+AGD = {"k": 3, "min_prob": 0.0}
+
+
+class LogRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def running(server: AgdServer):
+    """Serve ``server`` with uvicorn in a thread on a free port; yield the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    assert uv.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    """(base URL, the reference model, the log records) of a server with an API key."""
+    logs = LogRecords()
+    logger = logging.getLogger("agdecode.serve")
+    logger.addHandler(logs)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    server = AgdServer(make_tiny("llama", len(tokenizer)), tokenizer, "tiny", {}, max_batch=16, max_tokens=8,
+                       api_key=KEY, max_body_bytes=20_000)
+    try:
+        with running(server) as url:
+            yield url, make_tiny("llama", len(tokenizer)), logs, server
+    finally:
+        logger.removeHandler(logs)
+        logger.setLevel(old)
+
+
+def client(url: str, key: str = KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(url: str, body, headers=None, path="/v1/chat/completions"):
+    """A raw POST (for bodies the openai client would never send); returns (status, parsed JSON)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}",
+                                      **(headers or {})})
+    resp = conn.getresponse()
+    status, payload = resp.status, resp.read()
+    conn.close()
+    return status, json.loads(payload)
+
+
+def stream_text(stream) -> tuple[str, list]:
+    chunks = list(stream)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_chat_completion_equals_generate(served, tokenizer):
+    url, ref, _, _ = served
+    c = client(url)
+    r = c.chat.completions.create(model="tiny", messages=CONV, max_tokens=8, extra_body={"agd": AGD})
+    want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=8, **AGD)
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == "length" and r.object == "chat.completion"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_ids), 8)
+    agd = r.model_extra["agd"]
+    assert agd["method"] == "agd" and agd["guided_steps"] == want.guided_steps > 0
+    assert agd["overrides"] == want.overrides and "trace" not in agd
+    # The server's defaults (plain AGD), the system ROI, trace requested.
+    r = c.chat.completions.create(model="tiny", messages=CONV, max_tokens=6, extra_body={"agd": {"trace": True}})
+    want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=6)
+    assert r.choices[0].message.content == want.text
+    assert [s["chosen_id"] for s in r.model_extra["agd"]["trace"]["steps"]] == want.token_ids
+    # Greedy, another ROI, AGD_e, documents.
+    docs = [{"title": "Cats", "text": "Cats sleep a lot."}]
+    for agd, extra in [({"method": "greedy"}, {}), ({"roi": "user", "entropy_threshold": 1.734, **AGD}, {}),
+                       ({"roi": "context", **AGD}, {"documents": docs})]:
+        r = c.chat.completions.create(model="tiny", messages=CONV, max_tokens=6, extra_body={"agd": agd, **extra})
+        want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=6, documents=extra.get("documents"),
+                                 **{k: v for k, v in agd.items()})
+        assert r.choices[0].message.content == want.text, agd
+
+
+def test_stream_equals_generate(served, tokenizer):
+    url, ref, _, _ = served
+    c = client(url)
+    want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=8, **AGD)
+    text, chunks = stream_text(c.chat.completions.create(
+        model="tiny", messages=CONV, max_tokens=8, stream=True, stream_options={"include_usage": True},
+        extra_body={"agd": AGD}))
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant" and all(ch.object == "chat.completion.chunk" for ch in chunks)
+    last = [ch for ch in chunks if ch.choices][-1]
+    assert last.choices[0].finish_reason == "length" and last.model_extra["agd"]["guided_steps"] == want.guided_steps
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_stop_strings_end_the_text_before_them(served, tokenizer):
+    url, ref, _, _ = served
+    full = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=8, **AGD).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]  # something the model writes mid-way
+    want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=8, stop_strings=[stop], **AGD).text
+    expected = want[: want.index(stop)]
+    c = client(url)
+    r = c.chat.completions.create(model="tiny", messages=CONV, max_tokens=8, stop=stop, extra_body={"agd": AGD})
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    text, _ = stream_text(c.chat.completions.create(model="tiny", messages=CONV, max_tokens=8, stop=[stop],
+                                                    stream=True, extra_body={"agd": AGD}))
+    assert text == expected
+
+
+def test_safe_text_holds_back_partial_characters_and_stop_prefixes():
+    assert safe_text("caf\ufffd", None) == "caf"
+    assert safe_text("Hello wo", ["world"]) == "Hello "
+    assert safe_text("Hello world and", ["world"]) == "Hello "
+    assert safe_text("Hello", ["\n\n"]) == "Hello"
+
+
+def test_sampling_is_used_for_a_temperature_and_matches_generate(served, tokenizer):
+    url, ref, _, _ = served
+    r = client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=6, temperature=0.8, seed=3)
+    want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=6, method="sample", temperature=0.8, top_p=1.0,
+                             seed=3)
+    assert r.choices[0].message.content == want.text and r.model_extra["agd"]["method"] == "sample"
+
+
+def test_models_and_health(served):
+    url, *_ = served
+    assert [m.id for m in client(url).models.list().data] == ["tiny"]
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+
+
+def test_concurrent_clients_share_batches(served, tokenizer):
+    url, ref, logs, server = served
+    convs = [[{"role": "system", "content": f"Answer in {lang}."}, {"role": "user", "content": q}]
+             for lang in ("French", "German") for q in ("Hi!", "Tell me about the sea.", "What is 2+2?", "Why?")]
+    budgets = [4, 7]  # requests of different lengths leave the batch at different steps
+    refs = {(i, n): agdecode.generate(ref, tokenizer, conv, max_new_tokens=n, **AGD).text
+            for i, conv in enumerate(convs) for n in budgets}
+    first = len(logs.messages)
+
+    def client_thread(t: int) -> list[bool]:
+        c = client(url)
+        ok = []
+        for j in range(4):
+            i, n = (t + 3 * j) % len(convs), budgets[(t + j) % 2]
+            if (t + j) % 3 == 0:
+                text, _ = stream_text(c.chat.completions.create(model="tiny", messages=convs[i], max_tokens=n,
+                                                                stream=True, extra_body={"agd": AGD}))
+            else:
+                text = c.chat.completions.create(model="tiny", messages=convs[i], max_tokens=n,
+                                                 extra_body={"agd": AGD}).choices[0].message.content
+            ok.append(text == refs[i, n])
+        return ok
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client_thread, range(16)))
+    assert all(all(r) for r in results), results
+    steps = [int(m.split("batch of ")[1].split()[0]) for m in logs.messages[first:] if "batch of" in m]
+    assert max(steps) > 1, "no two requests shared a batch"
+    assert max(steps) <= server.scheduler.max_batch
+    print(f"batch sizes: max {max(steps)}, mean {sum(steps) / len(steps):.1f} over {len(steps)} steps")
+
+
+def _ok_after(url, tokenizer, ref):
+    r = client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=3, extra_body={"agd": AGD})
+    assert r.choices[0].message.content == agdecode.generate(ref, tokenizer, CONV, max_new_tokens=3, **AGD).text
+
+
+GOOD = {"model": "tiny", "messages": CONV, "max_tokens": 3}
+BAD = [  # (what, body or raw bytes, extra headers, status, substring of the message, param)
+    ("malformed JSON", b'{"model": "tiny", "messages": [', {}, 400, "not valid JSON", None),
+    ("not an object", b"[1, 2]", {}, 400, "JSON object", None),
+    ("max_tokens of the wrong type", {**GOOD, "max_tokens": "many"}, {}, 400, "valid integer", "max_tokens"),
+    ("k of the wrong type", {**GOOD, "agd": {"k": "3"}}, {}, 400, "valid integer", "agd.k"),
+    ("unknown agd field", {**GOOD, "agd": {"kk": 3}}, {}, 400, "Extra inputs", "agd.kk"),
+    ("bad role", {**GOOD, "messages": [{"role": "robot", "content": "hi"}]}, {}, 400, "role", "messages.0.role"),
+    ("unknown ROI", {**GOOD, "agd": {"roi": "elbow"}}, {}, 400, "elbow", None),
+    ("k < 1", {**GOOD, "agd": {"k": 0}}, {}, 400, "k must be", None),
+    ("n > 1", {**GOOD, "n": 2}, {}, 400, "n must be 1", "n"),
+    ("AGD with a temperature", {**GOOD, "temperature": 0.7, "agd": {"method": "agd"}}, {}, 400, "deterministic",
+     "temperature"),
+    ("steer without a vector", {**GOOD, "agd": {"method": "steer"}}, {}, 400, "steer_vector", None),
+    ("a head file", {**GOOD, "agd": {"roi": "heads:/etc/heads.json"}}, {}, 400, "no files", "agd.roi"),
+    ("prompt longer than the context", {**GOOD, "messages": [{"role": "user", "content": "cat " * 600}]}, {}, 400,
+     "context", None),
+    ("body too big", {**GOOD, "messages": [{"role": "user", "content": "x" * 30_000}]}, {}, 400, "limit",
+     None),
+    ("wrong API key", GOOD, {"Authorization": "Bearer nope"}, 401, "API key", None),
+    ("missing API key", GOOD, {"Authorization": ""}, 401, "API key", None),
+    ("unknown model", {**GOOD, "model": "gpt-4"}, {}, 404, "does not exist", "model"),
+]
+
+
+@pytest.mark.parametrize("what,body,headers,status,message,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_an_error_object_and_the_server_keeps_serving(served, tokenizer, what, body, headers,
+                                                                       status, message, param):
+    url, ref, logs, _ = served
+    first = len(logs.messages)
+    got, payload = post(url, body, headers)
+    assert got == status, payload
+    err = payload["error"]
+    assert message in err["message"] and err["param"] == param
+    assert err["type"] == "invalid_request_error" and set(err) == {"message", "type", "param", "code"}
+    assert not any("joined the batch" in m for m in logs.messages[first:])  # refused before any compute
+    _ok_after(url, tokenizer, ref)
+
+
+def test_the_openai_client_raises_its_own_errors(served):
+    url, *_ = served
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").chat.completions.create(model="tiny", messages=CONV, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="unknown ROI|elbow"):
+        client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=2, extra_body={"agd": {"roi": "elbow"}})
+
+
+def test_an_architecture_without_attribution_is_refused(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    eos = tokenizer.eos_token_id
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256,
+                                       bos_token_id=eos, eos_token_id=eos)).eval()
+    with pytest.raises(ValueError, match="not supported"):
+        AgdServer(model, tokenizer, "gpt2")  # the server's own default (AGD) cannot run: no server
+    with running(AgdServer(model, tokenizer, "gpt2", {"method": "greedy"}, max_tokens=3)) as url:
+        status, payload = post(url, {"model": "gpt2", "messages": CONV, "agd": {"method": "agd"}})
+        assert status == 400 and "not supported" in payload["error"]["message"]
+        r = client(url).chat.completions.create(model="gpt2", messages=CONV, max_tokens=3)
+        assert r.choices[0].message.content == agdecode.generate(model, tokenizer, CONV, method="greedy",
+                                                                 max_new_tokens=3).text
+
+
+def test_a_client_that_disconnects_frees_its_row(served, tokenizer):
+    url, ref, logs, _ = served
+    first = len(logs.messages)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": CONV, "max_tokens": 400, "stream": True, "agd": AGD}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    lines = [resp.readline() for _ in range(6)]  # the role chunk and a few tokens
+    assert any(b"chat.completion.chunk" in line for line in lines)
+    # A concurrent request, started while the long one decodes, is unaffected by the disconnect.
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(_ok_after, url, tokenizer, ref)
+        time.sleep(0.3)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        other.result()
+    deadline = time.time() + 30
+    while time.time() < deadline and not any("cancelled" in m for m in logs.messages[first:]):
+        time.sleep(0.1)
+    finished = [m for m in logs.messages[first:] if "finished: cancelled" in m]
+    assert finished, logs.messages[first:]
+    n = int(finished[0].split("after ")[1].split()[0])
+    assert n < 400  # it left the batch long before its budget
+
+
+def test_cli_serves_and_drains_on_sigterm(tokenizer, tmp_path):
+    """`agd serve` in a subprocess: a request in flight when SIGTERM arrives still gets its full answer."""
+    d = tmp_path / "tiny"
+    model = make_tiny("llama", len(tokenizer))
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": str(Path(agdecode.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--port", str(port),
+                             "--threads", "1", "--k", "3", "--min-prob", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                c = client(url)
+                assert [m.id for m in c.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.3)
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(lambda: (c.chat.completions.create(model="tiny", messages=CONV, max_tokens=400),
+                                        time.time()))
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.time()
+            r, answered = long.result(timeout=120)
+        assert answered > sent  # it was in flight when the signal came
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 400
+        assert r.choices[0].message.content == agdecode.generate(model, tokenizer, CONV, max_new_tokens=400, k=3,
+                                                                 min_prob=0.0).text
+        # uvicorn re-raises the signal once it has shut down cleanly, as a process killed by it would.
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read()
+    assert "draining" in out
