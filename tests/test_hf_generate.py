@@ -95,6 +95,21 @@ def test_roi_string_with_messages_equals_roi_mask(model, tokenizer, messages):
     pos = inputs["roi_mask"][0].nonzero().flatten().tolist()
     c = hf.generate(model, **plain, roi=f"tokens:{pos[0]}-{pos[-1]}", tokenizer=tok, max_new_tokens=8, **AGD)
     assert torch.equal(a, c)
+    # Several ROIs: all scored, the first decides; as agdecode.generate.
+    both = hf.generate(model, **plain, roi=["user", "system"], messages=messages, tokenizer=tok, max_new_tokens=8,
+                       return_dict_in_generate=True, **AGD)
+    ref = agdecode.generate(model, tok, messages, roi=["user", "system"], max_new_tokens=8, **AGD)
+    assert new_tokens(both, inputs) == [ref.token_ids]
+    assert set(both.agd[0].steps[0].candidates[0].scores) == {"user", "system"}
+
+
+def test_sampling_settings_are_ignored_with_a_warning(model, tokenizer, messages):
+    inputs = hf.prepare(tokenizer, messages)
+    plain = model.generate(**inputs, custom_generate=hf.agd_generate, max_new_tokens=6, **AGD)
+    with pytest.warns(UserWarning, match="deterministically"):
+        sampled = model.generate(**inputs, custom_generate=hf.agd_generate, max_new_tokens=6, do_sample=True,
+                                 temperature=0.5, top_k=3, **AGD)
+    assert torch.equal(plain, sampled)
 
 
 def test_batch_of_two_left_padded_prompts_equals_single_runs(model, tokenizer, messages):

@@ -33,10 +33,7 @@ from .sources import Row, left_pad
 
 __all__ = ["agd_generate", "generate", "prepare", "AGDGenerateOutput"]
 
-try:  # transformers is a dependency; the class is only defined where it can be.
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-except ImportError:  # pragma: no cover
-    GenerateDecoderOnlyOutput = object
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 
 @dataclass
@@ -320,8 +317,8 @@ def _for_row(p, i: int, pad: int):
     from transformers.generation import logits_process as lp
 
     q = copy.copy(p)
-    if isinstance(p, lp.RepetitionPenaltyLogitsProcessor) and p.prompt_ignore_length is not None:
-        ignore = p.prompt_ignore_length
+    ignore = getattr(p, "prompt_ignore_length", None)  # recent transformers: each row's padding length
+    if isinstance(p, lp.RepetitionPenaltyLogitsProcessor) and ignore is not None:
         ignore = int(ignore[i]) if isinstance(ignore, torch.Tensor) else int(ignore)
         q.prompt_ignore_length = max(0, ignore - pad)
     elif isinstance(p, lp.MinLengthLogitsProcessor):
