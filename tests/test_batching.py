@@ -289,3 +289,27 @@ def test_chat_template_kwargs_reach_the_template(llama):
     finally:
         tok.chat_template = template
     assert loud.prompt.startswith("LOUD ") and not quiet.prompt.startswith("LOUD ")
+
+
+def test_decoders_with_other_settings_take_turns_on_one_model(llama):
+    """Sources patch the model per call: two decoders (1 and 2 ROIs, and a steered baseline) interleave."""
+    model, tok = llama
+    cfgs = [AGDConfig(k=3, min_prob=0.0, max_new_tokens=5, roi="system"),
+            AGDConfig(k=3, min_prob=0.0, max_new_tokens=5, roi=["user", "system"]),
+            AGDConfig(method="steer", steer_vector=torch.ones(64) * 0.5, max_new_tokens=5)]
+    alone = [generate(model, tok, CONVS[n], config=c) for n, c in enumerate(cfgs)]
+    from agdecode.decoding import make_jobs
+
+    decs = [Decoder(model, tok, c, n_rois=len(c.roi_list())) for c in cfgs]
+    jobs = [make_jobs(model, tok, c, [CONVS[n]])[0] for n, c in enumerate(cfgs)]
+    for d, j in zip(decs, jobs):
+        d.__enter__()
+        d.add([j])
+    while any(d.jobs for d in decs):
+        for d in decs:
+            if d.jobs:
+                d.step()
+    for d in decs:
+        d.__exit__(None, None, None)
+    assert [j.out_ids for j in jobs] == [a.token_ids for a in alone]
+    assert not any("forward" in vars(m) for m in model.modules())  # nothing left patched

@@ -216,6 +216,29 @@ def test_concurrent_clients_share_batches(served, tokenizer):
     print(f"batch sizes: max {max(steps)}, mean {sum(steps) / len(steps):.1f} over {len(steps)} steps")
 
 
+def test_requests_with_other_settings_decode_side_by_side(served, tokenizer):
+    """A long greedy request does not hold back AGD requests: their decoders take turns step by step."""
+    url, ref, logs, server = served
+    first = len(logs.messages)
+    settings = [({"method": "greedy"}, 8), (AGD, 2), ({**AGD, "roi": ["system", "user"]}, 2)]
+    refs = [agdecode.generate(ref, tokenizer, CONV, max_new_tokens=n, **agd).text for agd, n in settings]
+
+    def ask(i):
+        agd, n = settings[i]
+        return client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=n,
+                                                   extra_body={"agd": agd}).choices[0].message.content
+
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(ask, range(3)))
+    assert texts == refs
+    msgs = logs.messages[first:]
+    started = [m for m in msgs if "decoder started" in m]
+    # Some AGD request finished while the greedy one was still decoding (or all three ran at once).
+    done = [i for i, m in enumerate(msgs) if "finished" in m]
+    assert len(started) >= 2 and any("(2 decoders)" in m or "(3 decoders)" in m for m in started)
+    assert len(done) == 3
+
+
 def _ok_after(url, tokenizer, ref):
     r = client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=3, extra_body={"agd": AGD})
     assert r.choices[0].message.content == agdecode.generate(ref, tokenizer, CONV, max_new_tokens=3, **AGD).text

@@ -30,7 +30,7 @@ from .roi import ROI, Prompt, Region, parse_rois, render_prompt, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
 
-__all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError",
+__all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "run", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError",
            "METHODS"]
 
 METHODS = ("agd", "greedy") + BASELINES
@@ -285,6 +285,8 @@ class Decoder:
     """The decoding loop over a changing batch: ``add`` jobs at any step boundary, ``step`` until empty.
 
     ``generate`` uses it with a fixed list of conversations; a server adds requests as they arrive.
+    Sources patch the model only during each call, so decoders with other settings can take turns
+    on one model, step by step. ``eos_ids`` (default: the model's and tokenizer's) end a sequence.
 
     Example:
         >>> with Decoder(model, tok, AGDConfig(max_new_tokens=32)) as dec:
@@ -294,14 +296,14 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: AGDConfig, source: Source | None = None,
-                 logits_processor=None, n_rois: int = 1, heads: bool = False):
+                 logits_processor=None, n_rois: int = 1, heads: bool = False, eos_ids: set[int] | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.source = source if source is not None else (
             make_engine(config.engine, model, n_rois, config.attribution, heads) if config.method == "agd"
             else make_source(config, model))
         self.policies = policies(config)
         self.processors = logits_processors(config, logits_processor)
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = _eos_ids(model, tokenizer) if eos_ids is None else set(eos_ids)
         self.decode = tokenizer.decode if tokenizer is not None else (lambda ids, **kw: "")
         self.jobs: list[Job] = []
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live jobs

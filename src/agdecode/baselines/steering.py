@@ -17,6 +17,7 @@ vector is never applied to another model by mistake.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ def as_steering_vector(spec: "str | Path | SteeringVector | torch.Tensor") -> St
 class SteeringSource(CachedForward):
     """Next-token logits with ``weight * vector`` added to the residual stream entering ``layer``.
 
-    The hook is attached only inside the ``with`` block, so the model is never left modified.
+    The hook is attached only during each forward, so the model is never left modified.
 
     Example:
         >>> with SteeringSource(model, SteeringVector.load("french.safetensors"), weight=4.0) as src:
@@ -182,17 +183,23 @@ class SteeringSource(CachedForward):
         dtype = next(model.parameters()).dtype
         self.push = (self.weight * vector.vector.float()).to(self.device, dtype)
         self._resid_norm: list[float] = []
-        self._handle = None
 
-    def __enter__(self) -> "SteeringSource":
-        self._handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
+    @contextlib.contextmanager
+    def _steered(self):
+        """The hook for one call only: between calls the model is plain (other sources may share it)."""
+        handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        super().__exit__(*exc)
+    def prefill(self, rows):
+        with self._steered():
+            return super().prefill(rows)
+
+    def step(self, token_ids):
+        with self._steered():
+            return super().step(token_ids)
 
     def _hook(self, module, args, kwargs):
         if args:

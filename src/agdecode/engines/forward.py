@@ -188,26 +188,32 @@ class ForwardEngine(Source):
         self.last_scores: torch.Tensor | None = None   # (B, R, V): ROI score of every token, current position
         self.head_weights: torch.Tensor | None = None  # (B, R, L, H) of the live sequences
         self._running_heads: torch.Tensor | None = None
-        self._stack: contextlib.ExitStack | None = None
+        self._open = False
 
     def __enter__(self) -> "ForwardEngine":
-        stack = contextlib.ExitStack()
-        stack.enter_context(dual_mode(self.model, self.attribution, self.width))
-        stack.enter_context(torch.no_grad())
-        if self.heads:
-            adapter = get_adapter(self.model)
-            for i, layer in enumerate(adapter.layers(self.model)):
-                hook = adapter.attention_output(layer).register_forward_pre_hook(_seed_heads(self, i))
-                stack.callback(hook.remove)
-        self._stack = stack
+        self._open = True
         return self
 
     def __exit__(self, *exc) -> None:
         self.kv.clear()
         self.head_weights = self._running_heads = None
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
+        self._open = False
+
+    @contextlib.contextmanager
+    def _dual(self):
+        """The model in dual mode for one call. Patching per call (about 3 ms on SmolLM2) leaves the
+        model plain between calls, so engines of other widths, or other sources, can share it."""
+        if not self._open:
+            raise RuntimeError("ForwardEngine must be used inside `with engine:`")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(dual_mode(self.model, self.attribution, self.width))
+            stack.enter_context(torch.no_grad())
+            if self.heads:
+                adapter = get_adapter(self.model)
+                for i, layer in enumerate(adapter.layers(self.model)):
+                    hook = adapter.attention_output(layer).register_forward_pre_hook(_seed_heads(self, i))
+                    stack.callback(hook.remove)
+            yield
 
     def _logits(self, out) -> torch.Tensor:
         logits = out.logits[:, -1].unflatten(0, (-1, self.width))       # (B, 1 + R, V)
@@ -215,8 +221,10 @@ class ForwardEngine(Source):
         return logits[:, 0]
 
     def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
-        if self._stack is None:
-            raise RuntimeError("ForwardEngine must be used inside `with engine:`")
+        with self._dual():
+            return self._prefill(rows)
+
+    def _prefill(self, rows: Sequence[Row]) -> torch.Tensor:
         ids, mask = left_pad([r.input_ids.to(self.device) for r in rows])          # (n, T)
         weights, _ = left_pad([r.token_weights.float().to(self.device) for r in rows])  # (n, R, T)
         x = self.model.get_input_embeddings()(ids)                                  # (n, T, D)
@@ -236,10 +244,11 @@ class ForwardEngine(Source):
         return logits
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        e = self.model.get_input_embeddings()(token_ids.to(self.device)[:, None])  # (B, 1, D)
-        # Generated tokens are outside the ROI: they enter with zero tangent.
-        stacked = _join(e[:, None], e.new_zeros(len(e), self.n_rois, *e.shape[1:]))
-        return self._logits(self.kv.step(stacked))
+        with self._dual():
+            e = self.model.get_input_embeddings()(token_ids.to(self.device)[:, None])  # (B, 1, D)
+            # Generated tokens are outside the ROI: they enter with zero tangent.
+            stacked = _join(e[:, None], e.new_zeros(len(e), self.n_rois, *e.shape[1:]))
+            return self._logits(self.kv.step(stacked))
 
     def keep(self, index: torch.Tensor) -> None:
         index = index.to(self.device)

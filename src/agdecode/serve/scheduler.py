@@ -5,13 +5,12 @@ Requests arrive from any thread (the HTTP event loop) as :class:`Request` object
 the running :class:`~agdecode.decoding.Decoder` (they join the batch while it decodes; nothing waits
 for a full batch), steps it once, and hands each finished job back through its callback.
 
-One decoder runs at a time. A decoder is one decoding configuration (method, ROI, k, ...): its
-source patches the model for its whole life (the forward engine runs the model in dual mode, over
-1 + R rows per sequence), so two decoders with different sources cannot share the model at once.
-Requests with the running configuration join it; a request with another configuration waits until
-the batch ahead of it has finished, and the requests behind it wait for it (first come, first served
-between configurations, so none starves). The common case, every request on the server's default
-settings or one client's settings, is a single batch that requests join and leave at every step.
+A decoder is one decoding configuration (method, ROI, k, ...). Requests with the same
+configuration share its batch; requests with other configurations get decoders of their own, and
+the scheduler steps every decoder with live rows once per round, in turn (sources patch the model
+only during each call, so they can share it step by step). Admission is first come, first served,
+up to ``max_batch`` rows over all decoders; no request waits for another to finish unless every
+row is taken.
 """
 from __future__ import annotations
 
@@ -83,9 +82,8 @@ class Scheduler:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
-        self._decoder: Decoder | None = None
-        self._key: str | None = None
-        self._live: dict[int, Request] = {}   # id(job) -> request, for the running decoder's jobs
+        self._decoders: dict[str, Decoder] = {}  # configuration key -> its open decoder
+        self._live: dict[int, Request] = {}   # id(job) -> request, for every decoding job
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agd-scheduler", daemon=True)
         self.steps = 0
@@ -125,14 +123,16 @@ class Scheduler:
                 break
             try:
                 self._admit()
-                if self._decoder is not None and self._decoder.jobs:
-                    self._step()
+                for decoder in list(self._decoders.values()):  # one step each, in turn
+                    if decoder.jobs:
+                        self._step(decoder)
             except Exception as e:  # a broken batch fails its requests, never the server
                 log.exception("decoding failed; failing %d request(s)", len(self._live))
                 self._fail_all(DecodingError(f"{type(e).__name__}: {e}"))
-            if self._decoder is not None and not self._decoder.jobs:
-                self._close_decoder()
-        self._close_decoder()
+            for key in [k for k, d in self._decoders.items() if not d.jobs]:
+                self._close_decoder(key)
+        for key in list(self._decoders):
+            self._close_decoder(key)
 
     def _take(self, block: bool) -> None:
         try:
@@ -144,74 +144,66 @@ class Scheduler:
         except queue.Empty:
             pass
 
+    def _rows(self) -> int:
+        return sum(len(d.jobs) for d in self._decoders.values())
+
     def _admit(self) -> None:
-        """Move waiting requests into the batch: those of the running configuration that are ahead
-        of the first request with another one, up to ``max_batch`` rows."""
-        while self._waiting and self._waiting[0].job.cancelled:
-            self._finish_cancelled(self._waiting.popleft())
-        if not self._waiting:
-            return
-        if self._decoder is None:
-            self._open_decoder(self._waiting[0])
-            if self._decoder is None:
-                return
-        joining = []
-        while (self._waiting and self._waiting[0].key == self._key
-               and len(self._decoder.jobs) + len(joining) < self.max_batch):
+        """Move waiting requests, first come first served, into their configuration's batch while
+        fewer than ``max_batch`` rows decode."""
+        joining: dict[str, list[Request]] = {}
+        while self._waiting and self._rows() + sum(map(len, joining.values())) < self.max_batch:
             req = self._waiting.popleft()
             if req.job.cancelled:
                 self._finish_cancelled(req)
-            else:
-                joining.append(req)
-        if not joining:
-            return
-        for req in joining:
-            self._live[id(req.job)] = req
-        try:
-            self._decoder.add([r.job for r in joining])
-        except Exception as e:
-            log.warning("prefill failed for %s: %s", ", ".join(r.id for r in joining), e)
-            raise
-        rows = len(self._decoder.jobs)
-        self.max_rows_seen = max(self.max_rows_seen, rows)
-        for req in joining:
-            log.info("request %s joined the batch (%d rows; waited %.3f s)", req.id, rows,
-                     time.perf_counter() - req.submitted)
+                continue
+            if req.key not in self._decoders and not self._open_decoder(req):
+                continue
+            joining.setdefault(req.key, []).append(req)
+        for key, reqs in joining.items():
+            for req in reqs:
+                self._live[id(req.job)] = req
+            try:
+                self._decoders[key].add([r.job for r in reqs])
+            except Exception as e:
+                log.warning("prefill failed for %s: %s", ", ".join(r.id for r in reqs), e)
+                raise
+            rows = self._rows()
+            self.max_rows_seen = max(self.max_rows_seen, rows)
+            for req in reqs:
+                log.info("request %s joined the batch (%d rows; waited %.3f s)", req.id, rows,
+                         time.perf_counter() - req.submitted)
 
-    def _open_decoder(self, req: Request) -> None:
+    def _open_decoder(self, req: Request) -> bool:
         cfg = req.config
         decoder = Decoder(self.model, self.tokenizer, cfg, n_rois=len(cfg.roi_list()), heads=req.heads)
         try:
             decoder.__enter__()
         except Exception as e:
-            # This configuration cannot run: fail every waiting request that has it.
-            same = [r for r in self._waiting if r.key == req.key]
+            # This configuration cannot run: fail this request and every waiting one that has it.
+            same = [req] + [r for r in self._waiting if r.key == req.key]
             self._waiting = deque(r for r in self._waiting if r.key != req.key)
             for r in same:
                 r.done(None, e)
             log.warning("cannot start a decoder for %s: %s", req.id, e)
-            return
-        self._decoder, self._key = decoder, req.key
-        log.info("decoder started: method=%s", cfg.method)
+            return False
+        self._decoders[req.key] = decoder
+        log.info("decoder started: method=%s (%d decoders)", cfg.method, len(self._decoders))
+        return True
 
-    def _close_decoder(self) -> None:
-        if self._decoder is not None:
-            try:
-                self._decoder.__exit__(None, None, None)
-            finally:
-                self._decoder, self._key = None, None
+    def _close_decoder(self, key: str) -> None:
+        decoder = self._decoders.pop(key)
+        decoder.__exit__(None, None, None)
 
-    def _step(self) -> None:
-        rows = len(self._decoder.jobs)
+    def _step(self, decoder: Decoder) -> None:
         self.steps += 1
-        log.debug("step %d: batch of %d rows", self.steps, rows)
-        finished = self._decoder.step()
+        log.debug("step %d: batch of %d rows (%d over all decoders)", self.steps, len(decoder.jobs), self._rows())
+        finished = decoder.step()
         for job in finished:
             req = self._live.pop(id(job))
             log.info("request %s finished: %s after %d tokens (%d rows left)", req.id, job.finish_reason,
-                     len(job.out_ids), len(self._decoder.jobs))
+                     len(job.out_ids), self._rows())
             try:
-                result = self._decoder.result(job)
+                result = decoder.result(job)
             except Exception as e:
                 req.done(None, e)
             else:
@@ -224,7 +216,7 @@ class Scheduler:
 
     def _fail_all(self, error: BaseException) -> None:
         live, self._live = list(self._live.values()), {}
-        if self._decoder is not None:
-            self._decoder.jobs = []
+        for decoder in self._decoders.values():
+            decoder.jobs = []
         for req in live:
             req.done(None, error)
