@@ -546,10 +546,15 @@ def generate(
                      chat_template_kwargs=chat_template_kwargs)
     decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor, n_rois=len(cfg.roi_list()),
                       heads=any(r.heads is not None for j in jobs for r in j.rois))
+    return _results(decoder, jobs, batch_size or _default_batch_size(model), streamer, single)
+
+
+def _results(decoder: Decoder, jobs: list[Job], batch_size: int, streamer, single: bool):
+    """Decode ``jobs`` (streaming the first to ``streamer``); one result, or the list in order."""
     if streamer is not None:
         streamer.put(jobs[0].row.input_ids[None].cpu())
         jobs[0].on_token = lambda t: streamer.put(torch.tensor([t]))
-    run(decoder, jobs, batch_size or _default_batch_size(model))
+    run(decoder, jobs, batch_size)
     if streamer is not None:
         streamer.end()
     results = [decoder.result(j) for j in jobs]
@@ -668,14 +673,7 @@ def generate_ids(
     decoder = Decoder(model, tokenizer, config, source, n_rois=max(1, len(rois)),
                       heads=any(r.heads is not None for r in rois))
     jobs = [Job(row, list(rois), prompt if single else None, config.max_new_tokens) for row in rows]
-    if streamer is not None:
-        streamer.put(seqs[0][None].cpu())
-        jobs[0].on_token = lambda t: streamer.put(torch.tensor([t]))
-    run(decoder, jobs, batch_size or _default_batch_size(model))
-    if streamer is not None:
-        streamer.end()
-    results = [decoder.result(j) for j in jobs]
-    return results[0] if single else results
+    return _results(decoder, jobs, batch_size or _default_batch_size(model), streamer, single)
 
 
 def compare(model: nn.Module, tokenizer, messages: list[dict] | str, **kwargs) -> dict[str, GenerationResult]:

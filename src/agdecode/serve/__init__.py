@@ -11,7 +11,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -82,13 +81,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _threshold(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of nats or 'auto', got {text!r}")
 
 
 def register_serve(sub) -> None:
@@ -111,6 +103,8 @@ def register_serve(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (debug logs every step's batch size)")
+    from ..cli import _threshold
+
     g = p.add_argument_group("default decoding settings (a request's 'agd' object overrides them)")
     g.add_argument("--method", default=None, help="agd (default), greedy, cad, dola or sample")
     g.add_argument("--roi", action="append", default=None, help="region of interest (default system; repeatable)")
