@@ -97,7 +97,9 @@ def _activation_rows(act, g0: torch.Tensor, gt: torch.Tensor, lrp: bool) -> tupl
     a0 = act(g0)
     if lrp:
         return a0, a0 / (g0 + IDENTITY_EPS) * gt  # identity rule, as in rules._IdentityRule
-    return a0, torch.func.jvp(act, (g0.expand_as(gt),), (gt,))[1]
+    # Element-wise, so one jvp with a tangent of ones gives f'(g0), shared by every tangent row (a jvp
+    # at g0.expand_as(gt) would fail for several ROIs: forward AD refuses overlapping memory).
+    return a0, torch.func.jvp(act, (g0,), (torch.ones_like(g0),))[1] * gt
 
 
 def _mlp_rules(lrp: bool, w: int, mlp: MLP):
