@@ -258,3 +258,15 @@ def test_plain_gradient_with_several_rois_equals_reverse(arch, tokenizer, messag
     got = _scores_along_greedy(model, tokenizer, messages, "forward", "ixg", steps=2, rois=rois)
     scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-6)
     assert ((got - ref).abs() / scale).max() < 1e-4
+
+
+def test_logits_scale_is_what_the_model_applies_after_the_head():
+    for arch in ("granite", "llama"):
+        model = make_tiny(arch, VOCAB)
+        spec = get_spec(model)
+        with torch.no_grad():
+            out = model(IDS, output_hidden_states=True)
+            head = model.get_output_embeddings()(out.hidden_states[-1])
+        torch.testing.assert_close(out.logits, head * spec.logits_scale(model))
+    granite = make_tiny("granite", VOCAB)
+    assert get_spec(granite).logits_scale(granite) == 0.25  # the tiny model's logits_scaling = 4

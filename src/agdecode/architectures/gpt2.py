@@ -1,6 +1,7 @@
-"""GPT-2: LayerNorm (stop-gradient through its statistics, as LXT's GPT-2 map), a GELU MLP without a
-gate (identity rule on the activation), Conv1D projections with biases (weights stored transposed),
-learned position embeddings (a constant added inside the model: no tangent) and ``transformer.h``."""
+"""GPT-2: LayerNorm (stop-gradient through its standard deviation, as LXT's GPT-2 map; the centering
+keeps its gradient), a GELU MLP without a gate (identity rule on the activation), Conv1D projections
+with biases (weights stored transposed), learned position embeddings (a constant added inside the
+model: no tangent), layers in ``transformer.h``, heads read at ``attn.c_proj``."""
 from .spec import MLP, Norm, Spec
 
 SPEC = Spec("gpt2", ("gpt2",), "gpt2.modeling_gpt2", Norm(("torch.nn.LayerNorm",), kind="layer", eps="eps"),

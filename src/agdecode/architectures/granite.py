@@ -3,4 +3,6 @@ scores and logits. All are linear, so they need no rule and the modules run as t
 from .spec import MLP, Norm, Spec
 
 SPEC = Spec("granite", ("granite",), "granite.modeling_granite", Norm(("GraniteRMSNorm",)), MLP("GraniteMLP"),
-            oracle="with every multiplier 1.0, equals the Llama path on the same weights")
+            logits_divisor="logits_scaling",
+            oracle="with neutral multipliers (attention 1/sqrt(head_dim), the others 1.0), equals the Llama path on "
+                   "the same weights")

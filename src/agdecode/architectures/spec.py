@@ -83,6 +83,7 @@ class Spec:
     final_norm_path: str = "norm"
     attention_output_path: str = "self_attn.o_proj"
     learned_positions: str | None = None      # added inside the model: a constant, no tangent
+    logits_divisor: str | None = None         # config attribute the LM head's output is divided by (Granite)
     oracle: str = ""
 
     def module(self) -> types.ModuleType:
@@ -125,6 +126,13 @@ class Spec:
         if self.learned_positions is None:
             return None
         return operator.attrgetter(self.learned_positions)(self.decoder(model))
+
+    def logits_scale(self, model: nn.Module) -> float:
+        """What the model multiplies the LM head's output by (1 / ``logits_scaling`` for Granite, else 1);
+        an early exit (DoLa) through the final norm and the head must apply it too."""
+        if self.logits_divisor is None:
+            return 1.0
+        return 1.0 / float(getattr(model.config.get_text_config(), self.logits_divisor))
 
     def head_shape(self, model: nn.Module) -> tuple[int, int]:
         """(number of layers, attention heads per layer)."""

@@ -233,7 +233,7 @@ def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2):
 
 
 def _seed_heads(engine: "ForwardEngine", layer: int):
-    """A pre-hook on layer ``layer``'s ``o_proj`` adding ``w[b, r, h] * (head h's output)`` to tangent
+    """A pre-hook on layer ``layer``'s attention output projection (``o_proj``, ``c_proj``) adding ``w[b, r, h] * (head h's output)`` to tangent
     row r of sequence b, with ``w`` the head weights of the sequences being run.
 
     By linearity the logits' tangent then gains sum_h w_h J~(z <- a_h) a_h, the heads' relevance.
