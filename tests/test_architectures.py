@@ -270,3 +270,21 @@ def test_logits_scale_is_what_the_model_applies_after_the_head():
         torch.testing.assert_close(out.logits, head * spec.logits_scale(model))
     granite = make_tiny("granite", VOCAB)
     assert get_spec(granite).logits_scale(granite) == 0.25  # the tiny model's logits_scaling = 4
+
+
+def test_baseline_layout_of_an_unmapped_architecture(tokenizer):
+    """DoLa and steering need only the layers and the final norm: an unmapped model with the common
+    layout gets them; one without is refused with the supported list."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from agdecode.adapters import UnsupportedArchitectureError, decoder_layers, final_norm
+
+    llama = make_tiny("llama", VOCAB)
+    llama.config.model_type = "my_llama_variant"  # this test's own model
+    assert decoder_layers(llama) == list(llama.model.layers) and final_norm(llama) is llama.model.norm
+    with pytest.raises(UnsupportedArchitectureError):
+        get_spec(llama)
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                   word_embed_proj_dim=32, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="supported: gemma3, gpt2"):
+        decoder_layers(opt)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import ARCHITECTURES, Spec, UnsupportedArchitectureError, get_spec
+from .architectures import ARCHITECTURES, Spec, UnsupportedArchitectureError, get_spec, layout
 from .architectures.spec import MLP, Norm
 from .errors import AgdError
 from .rules import (GATE_SHARE, KEY_SHARE, QUERY_SHARE, VALUE_SHARE, identity_rule, stop_gradient,
@@ -38,12 +38,13 @@ class QuantizedWeightsError(AgdError):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a supported model, in order (from its architecture spec).
+    """The decoder layers, in order (from the architecture's spec; an unmapped architecture with the
+    common layout works too).
 
     Example:
         >>> block = decoder_layers(model)[10]
     """
-    return get_spec(model).layers(model)
+    return layout(model).layers(model)
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -52,7 +53,7 @@ def final_norm(model: nn.Module) -> nn.Module:
     Example:
         >>> h = final_norm(model)(hidden_states[5])
     """
-    return get_spec(model).final_norm(model)
+    return layout(model).final_norm(model)
 
 
 # --- the autograd rules applied to each module kind ---------------------------------------------

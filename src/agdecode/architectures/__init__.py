@@ -17,7 +17,7 @@ from ..errors import AgdError
 from . import gemma3, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, smollm3
 from .spec import MLP, Norm, Spec
 
-__all__ = ["Spec", "Norm", "MLP", "SPECS", "ARCHITECTURES", "get_spec", "UnsupportedArchitectureError"]
+__all__ = ["Spec", "Norm", "MLP", "SPECS", "ARCHITECTURES", "get_spec", "layout", "UnsupportedArchitectureError"]
 
 SPECS: tuple[Spec, ...] = tuple(m.SPEC for m in (llama, qwen2, qwen3, gemma3, mistral, phi3, olmo2, granite,
                                                  smollm3, gpt2))
@@ -44,3 +44,19 @@ def get_spec(model: nn.Module) -> Spec:
             f"(config.model_type one of {', '.join(ARCHITECTURES)})."
         )
     return ARCHITECTURES[model_type]
+
+
+def layout(model: nn.Module) -> Spec:
+    """Where the layers and the final norm are, for baselines that need no rules (DoLa, steering): the
+    model's spec, or for an unmapped architecture the common layout (``layers``, ``norm``) if it has it.
+
+    Example:
+        >>> layout(model).final_norm(model)
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    decoder = Spec.decoder(model)
+    if not (hasattr(decoder, llama.SPEC.layers_path) and hasattr(decoder, llama.SPEC.final_norm_path)):
+        get_spec(model)  # raises, listing the supported architectures
+    return llama.SPEC
