@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from agdecode import GenerationResult, generate, render_prompt
+from agdecode.adapters import final_norm
 from agdecode.baselines import BaselineError
 from agdecode.baselines.cad import context_free_prompt
 from agdecode.baselines.dola import candidate_layers
@@ -116,7 +117,7 @@ def dola_reference(model, ids: torch.Tensor, layers: list[int], penalty: float):
     def early_exit(j):
         if j == n:
             return final
-        z = model.lm_head(model.model.norm(out.hidden_states[j][0, -1])).double()
+        z = model.get_output_embeddings()(final_norm(model)(out.hidden_states[j][0, -1])).double()
         return z if cap is None else cap * torch.tanh(z / cap)
 
     def jsd(a, b):
@@ -221,7 +222,9 @@ def test_steering_adds_the_vector_at_every_position(tiny, messages):
     for step in out.steps:
         seq = with_generated(ids, out.token_ids[:step.index])
         with torch.no_grad():
-            ref = model(inputs_embeds=model.get_input_embeddings()(seq) + 3.0 * v).logits[0, -1].double()
+            # Granite scales the embeddings inside the model, before layer 0: shift by v / that scale.
+            shift = 3.0 * v / getattr(model.config, "embedding_multiplier", 1.0)
+            ref = model(inputs_embeds=model.get_input_embeddings()(seq) + shift).logits[0, -1].double()
         assert step.reason == "steer" and step.chosen_id == int(ref.argmax())
         assert_probs(step, ref)
 

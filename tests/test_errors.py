@@ -89,10 +89,11 @@ def test_nan_logits(tokenizer, messages):
 
 
 def test_unknown_architecture(tokenizer, messages):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))).eval()
-    with pytest.raises(agdecode.UnsupportedArchitectureError, match="supported: gemma3, llama, qwen2, qwen3"):
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                     word_embed_proj_dim=32, vocab_size=len(tokenizer))).eval()
+    with pytest.raises(agdecode.UnsupportedArchitectureError, match="supported: gemma3, gpt2, granite, llama"):
         generate(model, tokenizer, messages, k=3, min_prob=0.0, max_new_tokens=2)
     # greedy needs no attribution and works on any causal LM
     assert len(generate(model, tokenizer, messages, method="greedy", max_new_tokens=2).token_ids) == 2

@@ -1,119 +1,128 @@
-"""Which module of each architecture gets which AttnLRP rule, and a context manager applying them.
+"""The AttnLRP rules applied to a model (autograd), and the context managers that apply any rules.
 
-One small entry per architecture (in the manner of LXT's per-model patch maps). Nothing global is
-patched: module instances get a ``forward`` (or ``_norm``) override and the model switches to a
-registered attention function; leaving :func:`attnlrp` puts back exactly what each instance held
-before (or nothing) and the attention implementation, so the model is bit-identical to before.
-Modules dispatched by accelerate keep their device hooks: the rule replaces the hooked
-``_old_forward``, so the hook still moves inputs and loads offloaded weights around it.
+Which module of each architecture gets which rule is data (:mod:`agdecode.architectures`, one spec
+per family). Nothing global is patched: module instances get a ``forward`` (or ``_norm``) override
+and the model switches to a registered attention function; leaving :func:`attnlrp` puts back exactly
+what each instance held before (or nothing) and the attention implementation, so the model is
+bit-identical to before. Modules dispatched by accelerate keep their device hooks: the rule replaces
+the hooked ``_old_forward``, so the hook still moves inputs and loads offloaded weights around it.
+Packed quantised weights (bitsandbytes and kin) are refused, never read as if they were plain.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import types
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .architectures import ARCHITECTURES, Spec, UnsupportedArchitectureError, get_spec, layout
+from .architectures.spec import MLP, Norm
 from .errors import AgdError
-from .rules import identity_rule, stop_gradient, uniform_rule
+from .rules import (GATE_SHARE, KEY_SHARE, QUERY_SHARE, VALUE_SHARE, identity_rule, stop_gradient,
+                    uniform_rule)
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "UnsupportedArchitectureError"]
+__all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "patched",
+           "UnsupportedArchitectureError", "QuantizedWeightsError"]
 
-
-class UnsupportedArchitectureError(AgdError):
-    """The model's architecture has no AttnLRP adapter."""
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """The AttnLRP map of one architecture family.
-
-    ``norm_style`` says how the RMSNorm is written: ``"llama"`` (``forward`` computes
-    ``w * x * rsqrt(var)``) or ``"gemma"`` (``_norm`` computes ``x * rsqrt(var)``, ``forward``
-    scales by ``1 + w``).
-    """
-
-    name: str
-    modeling_module: str
-    norm_class: str
-    mlp_class: str
-    norm_style: str
-
-    def module(self) -> types.ModuleType:
-        return importlib.import_module(f"transformers.models.{self.modeling_module}")
-
-    def layers(self, model: nn.Module) -> list[nn.Module]:
-        """The decoder layers, in order (each has ``self_attn.o_proj``)."""
-        return decoder_layers(model)
-
-    def attention_output(self, layer: nn.Module) -> nn.Module:
-        """The attention output projection of a decoder layer (its input holds the heads' outputs)."""
-        return layer.self_attn.o_proj
-
-    def head_shape(self, model: nn.Module) -> tuple[int, int]:
-        """(number of layers, attention heads per layer)."""
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cfg.num_hidden_layers, cfg.num_attention_heads
+# The names engines, baselines and tests have always used: an adapter is an architecture spec.
+Adapter = Spec
+ADAPTERS: dict[str, Spec] = ARCHITECTURES
+get_adapter = get_spec
 
 
-ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", "llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", "llama"),
-    "qwen2": Adapter("qwen2", "qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", "llama"),
-    "qwen3": Adapter("qwen3", "qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", "llama"),
-    "gemma3_text": Adapter("gemma3", "gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP", "gemma"),
-    "gemma3": Adapter("gemma3", "gemma3.modeling_gemma3", "Gemma3RMSNorm", "Gemma3MLP", "gemma"),
-}
+class QuantizedWeightsError(AgdError):
+    """The model holds packed quantised weights, which the attribution rules cannot read."""
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of any Hugging Face decoder-only model, in order."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return list(inner.layers)
+    """The decoder layers, in order (from the architecture's spec; an unmapped architecture with the
+    common layout works too).
+
+    Example:
+        >>> block = decoder_layers(model)[10]
+    """
+    return layout(model).layers(model)
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The norm before the LM head (DoLa's early exits go through it)."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return inner.norm
-
-
-def get_adapter(model: nn.Module) -> Adapter:
-    """Return the AttnLRP adapter for ``model`` or refuse it with the list of supported ones.
+    """The norm before the LM head (DoLa's early exits go through it).
 
     Example:
-        >>> get_adapter(model).name
-        'llama'
+        >>> h = final_norm(model)(hidden_states[5])
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        supported = ", ".join(sorted({a.name for a in ADAPTERS.values()}))
-        raise UnsupportedArchitectureError(
-            f"Architecture {model_type!r} is not supported for attribution; supported: {supported} "
-            f"(config.model_type one of {', '.join(ADAPTERS)})."
-        )
-    return ADAPTERS[model_type]
+    return layout(model).final_norm(model)
 
 
-# --- the rules applied to each module kind ------------------------------------------------------
+# --- the autograd rules applied to each module kind ---------------------------------------------
 
-def _llama_rmsnorm(self, h: torch.Tensor) -> torch.Tensor:
-    dtype = h.dtype
-    h = h.to(torch.float32)
-    h = h * stop_gradient(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-    return self.weight * h.to(dtype)
+def _rms_rule(norm: Norm) -> Callable:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * stop_gradient(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(self, norm.eps)))
+        return (self.weight * h).to(dtype) if norm.weight_in_float32 else self.weight * h.to(dtype)
+
+    return forward
 
 
-def _gemma_norm(self, x: torch.Tensor) -> torch.Tensor:
-    return x * stop_gradient(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+def _gemma_rule(norm: Norm) -> Callable:
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * stop_gradient(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(self, norm.eps)))
+
+    return _norm
 
 
-def _gated_mlp(self, x: torch.Tensor) -> torch.Tensor:
-    gate = identity_rule(self.act_fn, self.gate_proj(x))
-    return self.down_proj(uniform_rule(gate * self.up_proj(x), 2))
+def _layer_norm_rule(norm: Norm) -> Callable:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LXT's LayerNorm rule: the standard deviation is a constant (stop-gradient); the centering
+        # x - mean(x) is linear and keeps its gradient. (Detaching the mean too is off the reference
+        # GPT-2 relevances by up to 16 % of their scale; this matches them exactly.)
+        h = x.float()
+        centred = h - h.mean(-1, keepdim=True)
+        std = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + getattr(self, norm.eps))
+        y = (centred / stop_gradient(std)).to(x.dtype)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        # The value exactly as nn.LayerNorm computes it (the formula above differs in the last bits),
+        # the gradient and tangent of the rule: exact + (y - y) is exact, bit for bit.
+        exact = F.layer_norm(x.detach(), self.normalized_shape, self.weight, self.bias, getattr(self, norm.eps))
+        return exact.detach() + (y - stop_gradient(y))
+
+    return forward
+
+
+def _gated_rule(mlp: MLP) -> Callable:
+    gate, up = mlp.inputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = identity_rule(getattr(self, mlp.act), getattr(self, gate)(x))
+        return getattr(self, mlp.output)(uniform_rule(a * getattr(self, up)(x), GATE_SHARE))
+
+    return forward
+
+
+def _fused_gated_rule(mlp: MLP) -> Callable:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = getattr(self, mlp.inputs[0])(x).chunk(2, dim=-1)
+        return getattr(self, mlp.output)(uniform_rule(u * identity_rule(getattr(self, mlp.act), g), GATE_SHARE))
+
+    return forward
+
+
+def _plain_rule(mlp: MLP) -> Callable:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, mlp.output)(identity_rule(getattr(self, mlp.act), getattr(self, mlp.inputs[0])(x)))
+
+    return forward
+
+
+NORM_RULES = {"rms": _rms_rule, "rms-gemma": _gemma_rule, "layer": _layer_norm_rule}
+MLP_RULES = {"gated": _gated_rule, "fused-gated": _fused_gated_rule, "plain": _plain_rule}
 
 
 def _lrp_attention(base):
@@ -121,8 +130,8 @@ def _lrp_attention(base):
 
     def attention(module, query, key, value, *args, **kwargs):
         kwargs["dropout"] = 0.0
-        return base(module, uniform_rule(query, 4), uniform_rule(key, 4), uniform_rule(value, 2),
-                    *args, **kwargs)
+        return base(module, uniform_rule(query, QUERY_SHARE), uniform_rule(key, KEY_SHARE),
+                    uniform_rule(value, VALUE_SHARE), *args, **kwargs)
 
     return attention
 
@@ -140,11 +149,11 @@ def register_attention(name: str, fn: Callable, mask_base: str) -> str:
     return name
 
 
-def base_attention(adapter: Adapter, base: str) -> Callable:
+def base_attention(spec: Spec, base: str) -> Callable:
     """The architecture's own eager attention, or a registered implementation such as sdpa."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return adapter.module().eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+    return spec.eager_attention() if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
 
 def _configs(model: nn.Module) -> list:
@@ -202,34 +211,72 @@ def _restore(mod: nn.Module, attr: str, saved: object) -> None:
         vars(mod)[attr] = saved
 
 
-@contextlib.contextmanager
-def patched(model: nn.Module, norm: Callable, mlp: Callable, attention: str,
-            extra: Sequence[tuple[Callable[[nn.Module], bool], str, Callable]] = ()) -> Iterator[nn.Module]:
-    """Override every norm and gated MLP of ``model`` (and modules matching ``extra``) and switch to a
-    registered attention implementation; undo everything on exit, even on error.
+def _packed(mod: nn.Module) -> str | None:
+    """Why ``mod``'s own weight is not a plain floating tensor (a packed quantised layer), else None."""
+    w = getattr(mod, "weight", None)
+    if type(mod).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum"):
+        return f"a {type(mod).__module__.split('.')[0]} {type(mod).__name__}"
+    if hasattr(mod, "quant_state") or hasattr(w, "quant_state"):
+        return f"a {type(mod).__name__} with a quant_state"
+    if isinstance(w, torch.Tensor) and not torch.is_floating_point(w):
+        return f"a {w.dtype} weight in a {type(mod).__name__}"
+    return None
 
-    ``norm`` replaces ``forward`` (Llama-style norms) or ``_norm`` (Gemma-style) per the adapter.
-    Whatever the instances held under those names before (accelerate's hook wrappers, anyone's
-    override) is put back as it was, and hooks registered with ``register_forward_hook`` and kin
-    keep running, since they live outside these attributes.
+
+def check_plain_weights(model: nn.Module, modules: Sequence[tuple[str, nn.Module]] = ()) -> None:
+    """Refuse a quantised model, or ``(name, module)`` pairs whose weight is packed, with one line.
+
+    The rules' overrides read ``.weight`` (norm scales, the forward engine's bias-free linear maps);
+    a packed weight read as a plain tensor would give wrong numbers silently.
 
     Example:
-        >>> with patched(model, norm_rule, mlp_rule, "sdpa"):
+        >>> check_plain_weights(model)   # raises QuantizedWeightsError for a bitsandbytes model
+    """
+    hint = ("load the model with plain weights instead (dequantised, e.g. "
+            "load_model(path, dtype=torch.bfloat16) with no quantization_config)")
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    if getattr(model, "hf_quantizer", None) is not None or quant is not None:
+        method = getattr(quant, "quant_method", None) or (quant.get("quant_method") if isinstance(quant, dict) else None)
+        raise QuantizedWeightsError(f"The model is quantised ({method or 'quantization_config'}); attribution "
+                                    f"cannot read packed weights: {hint}.")
+    for name, mod in modules:
+        why = _packed(mod)
+        if why is not None:
+            raise QuantizedWeightsError(f"Module {name!r} holds packed quantised weights ({why}); attribution "
+                                        f"cannot read them: {hint}.")
+
+
+Rule = tuple[Callable[[nn.Module], bool], str, Callable]
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, rules: Sequence[Rule], attention: str) -> Iterator[nn.Module]:
+    """Give every module matching a rule ``(matches, attribute, fn)`` the override ``fn`` under that
+    attribute (first matching rule wins) and switch to a registered attention implementation; undo
+    everything on exit, even on error.
+
+    Whatever the instances held under those names before (accelerate's hook wrappers, anyone's
+    override) is put back as it was, and hooks registered with ``register_forward_hook`` and kin
+    keep running, since they live outside these attributes. Modules with packed quantised weights
+    are refused before anything is changed.
+
+    Example:
+        >>> spec = get_spec(model)
+        >>> with patched(model, spec.module_rules(norm_rule, mlp_rule), "sdpa"):
         ...     out = model(ids)
     """
-    adapter = get_adapter(model)
-    module = adapter.module()
-    norm_cls, mlp_cls = getattr(module, adapter.norm_class), getattr(module, adapter.mlp_class)
-    norm_attr = "_norm" if adapter.norm_style == "gemma" else "forward"
-    rules = [(lambda m: isinstance(m, norm_cls), norm_attr, norm), (lambda m: isinstance(m, mlp_cls), "forward", mlp),
-             *extra]
+    chosen = []
+    for name, mod in model.named_modules():
+        for matches, attr, fn in rules:
+            if matches(mod):
+                chosen.append((name, mod, attr, fn))
+                break
+    check_plain_weights(model, [(name, mod) for name, mod, _, _ in chosen])
     overridden: list[tuple[nn.Module, str, object]] = []
     try:
-        for mod in model.modules():
-            for matches, attr, fn in rules:
-                if matches(mod):
-                    overridden.append(_override(mod, attr, fn))
-                    break
+        for _, mod, attr, fn in chosen:
+            overridden.append(_override(mod, attr, fn))
         with set_attention(model, attention):
             yield model
     finally:
@@ -250,12 +297,12 @@ def attnlrp(model: nn.Module, attention: str | None = None):
         ...     model(inputs_embeds=x).logits[0, -1, target].backward()
         >>> relevance = (x * x.grad).sum(-1)
     """
-    adapter = get_adapter(model)
+    spec = get_spec(model)
     if attention is None:
         attention = "eager" if model.config._attn_implementation == "eager" else "sdpa"
     if attention not in ("eager", "sdpa"):
         raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
-    name = register_attention(f"agd_attnlrp_{adapter.name}_{attention}",
-                              _lrp_attention(base_attention(adapter, attention)), attention)
-    norm = _gemma_norm if adapter.norm_style == "gemma" else _llama_rmsnorm
-    return patched(model, norm, _gated_mlp, name)
+    name = register_attention(f"agd_attnlrp_{spec.name}_{attention}",
+                              _lrp_attention(base_attention(spec, attention)), attention)
+    rules = spec.module_rules(NORM_RULES[spec.norm.kind](spec.norm), MLP_RULES[spec.mlp.kind](spec.mlp))
+    return patched(model, rules, name)

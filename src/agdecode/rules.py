@@ -19,7 +19,19 @@ from typing import Callable
 import torch
 from torch.autograd import Function
 
-__all__ = ["identity_rule", "uniform_rule", "stop_gradient"]
+__all__ = ["identity_rule", "uniform_rule", "stop_gradient", "QUERY_SHARE", "KEY_SHARE", "VALUE_SHARE",
+           "GATE_SHARE", "IDENTITY_EPS"]
+
+# The rule constants, defined once for every engine. Uniform rule: a product of N factors gives each
+# 1/N of its relevance, so the gradient (tangent) into each factor is divided by N. q.k and the softmax
+# make attention a product of four factors for q and k (AttnLRP, Achtibat et al. 2024, Sec. 3.3:
+# 1/4 each); attn.v and gate x up are products of two (1/2).
+QUERY_SHARE = 4.0
+KEY_SHARE = 4.0
+VALUE_SHARE = 2.0
+GATE_SHARE = 2.0
+# Identity rule: the Jacobian of f at x is replaced by f(x) / (x + eps) (LXT's identity_rule_implicit).
+IDENTITY_EPS = 1e-10
 
 
 class _IdentityRule(Function):
@@ -30,7 +42,7 @@ class _IdentityRule(Function):
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, x: torch.Tensor, eps: float = 1e-10):
+    def forward(ctx, fn: Callable, x: torch.Tensor, eps: float = IDENTITY_EPS):
         out = fn(x)
         ratio = out / (x + eps)
         ctx.save_for_backward(ratio)

@@ -28,6 +28,20 @@ SHAPES: dict[str, dict] = {
     "gemma-3-4b": dict(model_type="gemma3_text", hidden_size=2560, num_hidden_layers=34, num_attention_heads=8,
                        num_key_value_heads=4, head_dim=256, intermediate_size=10240, vocab_size=262208,
                        sliding_window=1024, query_pre_attn_scalar=256),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32768, rope_theta=1000000.0,
+                       sliding_window=None),
+    "phi-3-mini": dict(model_type="phi3", hidden_size=3072, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=8192, vocab_size=32064, pad_token_id=32000),
+    "olmo-2-7b": dict(model_type="olmo2", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=11008, vocab_size=100352, rope_theta=500000.0),
+    "granite-3-8b": dict(model_type="granite", hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=12800, vocab_size=49155, embedding_multiplier=12.0,
+                         residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=16.0,
+                         rope_theta=10000000.0, tie_word_embeddings=True),
+    "smollm3-3b": dict(model_type="smollm3", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=4, intermediate_size=11008, vocab_size=128256, tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, tie_word_embeddings=True),
 }
 
 

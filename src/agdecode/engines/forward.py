@@ -12,9 +12,15 @@ embeddings, the LM head) then serves all rows with one read of the weights, and 
 non-linear operations are rewritten below with their forward-mode rule:
 
 - RMSNorm: tangent scaled by the primal's 1/rms (AttnLRP stops the gradient through the variance);
-- gated MLP: identity rule on the activation (tangent * f(g)/g), uniform rule (1/2) on gate x up;
+- LayerNorm: tangent centred, scaled by the primal's 1/std (the standard deviation is a constant);
+- gated MLP (separate or fused gate/up): identity rule on the activation (tangent * f(g)/g),
+  uniform rule (1/2) on gate x up; MLP without a gate: identity rule on the activation;
 - attention: the softmax's exact derivative, uniform rule on q.k (1/4 each) and attn.v (1/2);
-- biases: added to the primal row only (a constant has no tangent).
+- biases (nn.Linear, Conv1D) and learned position embeddings: on the primal row only (a constant
+  has no tangent).
+
+Which module gets which override comes from the architecture's spec (:mod:`agdecode.architectures`);
+the rule constants from :mod:`agdecode.rules`.
 
 Tangent keys and values sit in the KV cache beside the primal ones, so each decode step is one
 incremental pass; generated tokens are outside the ROI and enter with zero tangent. With
@@ -30,7 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import get_adapter, patched, register_attention
+from ..architectures import get_spec
+from ..architectures.spec import MLP, Norm
 from ..models import input_device
+from ..rules import GATE_SHARE, IDENTITY_EPS, KEY_SHARE, QUERY_SHARE, VALUE_SHARE
 from ..sources import KVBatch, Row, Source, left_pad
 
 
@@ -54,25 +63,71 @@ def _norm_rows(h: torch.Tensor, eps: float, lrp: bool, w: int) -> torch.Tensor:
     return _join(p * r, tangent)
 
 
-def _rules(lrp: bool, w: int):
-    """The module overrides for one attribution method (AttnLRP or plain gradient), ``w`` rows per sequence."""
-    fq, fk, fv, fprod = (4.0, 4.0, 2.0, 2.0) if lrp else (1.0, 1.0, 1.0, 1.0)
+def _norm_rules(lrp: bool, w: int, norm: Norm):
+    """The override of this architecture's norm kind (see :mod:`agdecode.architectures.spec`)."""
+    eps = norm.eps
 
-    def llama_norm(self, h):
+    def rms(self, h):
         dtype = h.dtype
-        return self.weight * _norm_rows(h.to(torch.float32), self.variance_epsilon, lrp, w).to(dtype)
+        y = _norm_rows(h.to(torch.float32), getattr(self, eps), lrp, w)
+        return (self.weight * y).to(dtype) if norm.weight_in_float32 else self.weight * y.to(dtype)
 
-    def gemma_norm(self, x):
-        return _norm_rows(x, self.eps, lrp, w)
+    def rms_gemma(self, x):
+        return _norm_rows(x, getattr(self, eps), lrp, w)
 
-    def gated_mlp(self, x):
-        (g0, gt), (u0, ut) = _split(self.gate_proj(x), w), _split(self.up_proj(x), w)
-        a0 = self.act_fn(g0)
-        if lrp:
-            at = a0 / (g0 + 1e-10) * gt  # identity rule, as in rules._IdentityRule
-        else:
-            at = torch.func.jvp(self.act_fn, (g0.expand_as(gt),), (gt,))[1]
-        return self.down_proj(_join(a0 * u0, (at * u0 + a0 * ut) / fprod))
+    def layer(self, x):
+        p, t = _split(x, w)
+        # The primal exactly as nn.LayerNorm computes it; the tangent with the primal's statistics.
+        y0 = F.layer_norm(p, self.normalized_shape, self.weight, self.bias, getattr(self, eps))
+        pf, tf = p.float(), t.float()
+        inv = torch.rsqrt(pf.var(-1, unbiased=False, keepdim=True) + getattr(self, eps))
+        tc = tf - tf.mean(-1, keepdim=True)  # the centering is linear: it keeps its tangent
+        tangent = tc * inv                   # AttnLRP: the standard deviation is a constant
+        if not lrp:  # the exact derivative through the standard deviation too
+            xhat = (pf - pf.mean(-1, keepdim=True)) * inv
+            tangent = tangent - xhat * inv * (xhat * tc).mean(-1, keepdim=True)
+        tangent = tangent.to(x.dtype)
+        return _join(y0, tangent if self.weight is None else tangent * self.weight)
+
+    return {"rms": rms, "rms-gemma": rms_gemma, "layer": layer}[norm.kind]
+
+
+def _activation_rows(act, g0: torch.Tensor, gt: torch.Tensor, lrp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An element-wise activation on primal rows ``g0`` and tangent rows ``gt``."""
+    a0 = act(g0)
+    if lrp:
+        return a0, a0 / (g0 + IDENTITY_EPS) * gt  # identity rule, as in rules._IdentityRule
+    # Element-wise, so one jvp with a tangent of ones gives f'(g0), shared by every tangent row (a jvp
+    # at g0.expand_as(gt) would fail for several ROIs: forward AD refuses overlapping memory).
+    return a0, torch.func.jvp(act, (g0,), (torch.ones_like(g0),))[1] * gt
+
+
+def _mlp_rules(lrp: bool, w: int, mlp: MLP):
+    """The override of this architecture's MLP kind."""
+    fprod = GATE_SHARE if lrp else 1.0
+
+    def gated(self, x):
+        (g0, gt), (u0, ut) = (_split(getattr(self, name)(x), w) for name in mlp.inputs)
+        a0, at = _activation_rows(getattr(self, mlp.act), g0, gt, lrp)
+        return getattr(self, mlp.output)(_join(a0 * u0, (at * u0 + a0 * ut) / fprod))
+
+    def fused_gated(self, x):
+        p, t = _split(getattr(self, mlp.inputs[0])(x), w)
+        (g0, u0), (gt, ut) = p.chunk(2, dim=-1), t.chunk(2, dim=-1)
+        a0, at = _activation_rows(getattr(self, mlp.act), g0, gt, lrp)
+        return getattr(self, mlp.output)(_join(u0 * a0, (at * u0 + a0 * ut) / fprod))
+
+    def plain(self, x):
+        h0, ht = _split(getattr(self, mlp.inputs[0])(x), w)
+        return getattr(self, mlp.output)(_join(*_activation_rows(getattr(self, mlp.act), h0, ht, lrp)))
+
+    return {"gated": gated, "fused-gated": fused_gated, "plain": plain}[mlp.kind]
+
+
+def _attention_rule(lrp: bool, w: int):
+    """Attention on stacked rows: the primal's softmax, its exact derivative for the tangents, and the
+    uniform rule on q.k and attn.v."""
+    fq, fk, fv = (QUERY_SHARE, KEY_SHARE, VALUE_SHARE) if lrp else (1.0, 1.0, 1.0)
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
         if softcap is not None:
@@ -113,13 +168,39 @@ def _rules(lrp: bool, w: int):
         out = _join(o0[:, None], ot + (a[:, None] @ vt) / fv)                     # (B*w, Hkv, G*T, d)
         return out.view(n, h, t, d).transpose(1, 2).contiguous(), None
 
-    return llama_norm, gemma_norm, gated_mlp, attention
+    return attention
 
 
 def _primal_bias(w: int):
+    """nn.Linear with a bias: the bias goes to the primal rows only (a constant has no tangent)."""
+
     def forward(self, x):
         out = F.linear(x, self.weight)
-        out.unflatten(0, (-1, w))[:, 0] += self.bias  # a constant has no tangent
+        out.unflatten(0, (-1, w))[:, 0] += self.bias
+        return out
+
+    return forward
+
+
+def _primal_bias_conv1d(w: int):
+    """transformers' Conv1D (GPT-2: a linear map with its weight stored transposed, ``(in, out)``)."""
+
+    def forward(self, x):
+        out = x @ self.weight
+        out.unflatten(0, (-1, w))[:, 0] += self.bias
+        return out
+
+    return forward
+
+
+def _primal_positions(w: int):
+    """Learned position embeddings, added inside the model: on the primal rows only."""
+
+    def forward(self, position_ids):
+        out = type(self).forward(self, position_ids)
+        if out.shape[0] % w:
+            raise RuntimeError("the forward engine needs position ids for every row (KVBatch passes them)")
+        out.unflatten(0, (-1, w))[:, 1:] = 0
         return out
 
     return forward
@@ -137,16 +218,22 @@ def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2):
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError("final logit soft-capping is not supported by the forward engine; "
                          "use engine='reverse'")
-    adapter = get_adapter(model)
-    llama_norm, gemma_norm, gated_mlp, attention = _rules(attribution == "lrp", width)
-    name = register_attention(f"agd_dual_{attribution}_{width}", attention, "eager")
-    biased = (lambda m: isinstance(m, nn.Linear) and m.bias is not None, "forward", _primal_bias(width))
-    norm = gemma_norm if adapter.norm_style == "gemma" else llama_norm
-    return patched(model, norm, gated_mlp, name, extra=[biased])
+    from transformers.pytorch_utils import Conv1D
+
+    spec = get_spec(model)
+    lrp = attribution == "lrp"
+    name = register_attention(f"agd_dual_{attribution}_{width}", _attention_rule(lrp, width), "eager")
+    rules = spec.module_rules(_norm_rules(lrp, width, spec.norm), _mlp_rules(lrp, width, spec.mlp))
+    rules.append((lambda m: isinstance(m, nn.Linear) and m.bias is not None, "forward", _primal_bias(width)))
+    rules.append((lambda m: isinstance(m, Conv1D) and m.bias is not None, "forward", _primal_bias_conv1d(width)))
+    positions = spec.positions(model)
+    if positions is not None:
+        rules.insert(0, (lambda m: m is positions, "forward", _primal_positions(width)))
+    return patched(model, rules, name)
 
 
 def _seed_heads(engine: "ForwardEngine", layer: int):
-    """A pre-hook on layer ``layer``'s ``o_proj`` adding ``w[b, r, h] * (head h's output)`` to tangent
+    """A pre-hook on layer ``layer``'s attention output projection (``o_proj``, ``c_proj``) adding ``w[b, r, h] * (head h's output)`` to tangent
     row r of sequence b, with ``w`` the head weights of the sequences being run.
 
     By linearity the logits' tangent then gains sum_h w_h J~(z <- a_h) a_h, the heads' relevance.

@@ -4,7 +4,8 @@ Logits come from a plain KV-cached forward (as in ``model.generate``). When scor
 the whole sequence is re-run with gradients under the attribution rules and the candidates' logits
 are back-propagated in one batched call (``is_grads_batched``), giving each candidate's relevance
 at every input token, ``(inputs_embeds * grad).sum(-1)``, and, for head ROIs, at every attention
-head, ``(o_proj input * grad)`` summed over the head dimension and positions.
+head, ``(attention output projection's input * grad)`` summed over the head dimension and positions
+(the projection is ``o_proj`` or ``c_proj``, as the architecture's spec says).
 """
 from __future__ import annotations
 
