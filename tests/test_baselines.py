@@ -118,6 +118,7 @@ def dola_reference(model, ids: torch.Tensor, layers: list[int], penalty: float):
         if j == n:
             return final
         z = model.get_output_embeddings()(final_norm(model)(out.hidden_states[j][0, -1])).double()
+        z = z / getattr(model.config, "logits_scaling", 1.0)  # Granite scales its logits down
         return z if cap is None else cap * torch.tanh(z / cap)
 
     def jsd(a, b):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import final_norm
+from ..architectures import layout
 from ..sources import CachedForward
 from . import BaselineError
 
@@ -99,12 +100,13 @@ class DoLaSource(CachedForward):
         self.log_relative_top = math.log(relative_top)
         self.norm = final_norm(model)
         self.head = model.get_output_embeddings()
+        self.scale = layout(model).logits_scale(model)  # Granite divides its logits by logits_scaling
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self._info: list[dict] = []
 
     def _early_exit(self, h: torch.Tensor) -> torch.Tensor:
         """What the model's head would say if the network stopped at ``h``: same norm, head, softcap."""
-        logits = self.head(self.norm(h)).float()
+        logits = self.head(self.norm(h)).float() * self.scale
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def _logits(self, out, ids) -> torch.Tensor:
