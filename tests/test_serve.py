@@ -292,17 +292,18 @@ def test_the_openai_client_raises_its_own_errors(served):
 
 
 def test_an_architecture_without_attribution_is_refused(tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
     eos = tokenizer.eos_token_id
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256,
-                                       bos_token_id=eos, eos_token_id=eos)).eval()
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                     word_embed_proj_dim=32, vocab_size=len(tokenizer), max_position_embeddings=256,
+                                     bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)).eval()
     with pytest.raises(ValueError, match="not supported"):
-        AgdServer(model, tokenizer, "gpt2")  # the server's own default (AGD) cannot run: no server
-    with running(AgdServer(model, tokenizer, "gpt2", {"method": "greedy"}, max_tokens=3)) as url:
-        status, payload = post(url, {"model": "gpt2", "messages": CONV, "agd": {"method": "agd"}})
+        AgdServer(model, tokenizer, "opt")  # the server's own default (AGD) cannot run: no server
+    with running(AgdServer(model, tokenizer, "opt", {"method": "greedy"}, max_tokens=3)) as url:
+        status, payload = post(url, {"model": "opt", "messages": CONV, "agd": {"method": "agd"}})
         assert status == 400 and "not supported" in payload["error"]["message"]
-        r = client(url).chat.completions.create(model="gpt2", messages=CONV, max_tokens=3)
+        r = client(url).chat.completions.create(model="opt", messages=CONV, max_tokens=3)
         assert r.choices[0].message.content == agdecode.generate(model, tokenizer, CONV, method="greedy",
                                                                  max_new_tokens=3).text
 
