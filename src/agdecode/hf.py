@@ -165,7 +165,7 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
         raise AgdError(f"max_length={gen.max_length} leaves no room after the {width}-token prompt: set max_new_tokens")
     regions, prompts = _regions(model, tokenizer, seqs, pads, roi_mask, roi, messages)
     settings = {n: v for n, v in zip(_SETTINGS, (k, min_prob, entropy_threshold, attribution, engine)) if v is not None}
-    cfg = resolve_config(model, tokenizer, roi=roi if roi is not None else "roi_mask", max_new_tokens=max_new, **settings)
+    cfg = resolve_config(model, tokenizer, roi=roi if roi is not None else "mask", max_new_tokens=max_new, **settings)
     criteria = [c for c in stopping_criteria if type(c).__name__ != "MaxLengthCriteria"]  # = each job's max_new_tokens
     jobs = [Job(_row(s, rs), rs, p, max_new, criteria) for s, rs, p in zip(seqs, regions, prompts)]
     rows = _PerRow(_processors(logits_processor, gen), jobs, pads, gen.return_dict_in_generate and gen.output_scores,
@@ -257,7 +257,7 @@ def _regions(model, tokenizer, seqs: list, pads: list, roi_mask, roi, messages) 
         empty = [i for i, w in enumerate(weights) if not w.any()]
         if empty:
             raise AgdError(f"roi_mask selects no prompt token in row(s) {empty}")
-        return [[Region("roi_mask", w)] for w in weights], [None] * len(seqs)
+        return [[Region("mask", w)] for w in weights], [None] * len(seqs)
     if roi is None:
         raise AgdError("AGD needs a region of interest: pass roi_mask= (e.g. from agdecode.hf.prepare) or roi=")
     if tokenizer is None:
