@@ -135,7 +135,8 @@ def _worker(args) -> dict:
         for b, prompts in cases:
             for mode in modes:  # interleaved: every round runs every mode, in the same order
                 for phase, n in (("prefill", 1), ("total", tokens(mode))):
-                    if args.memory_mode and phase == "prefill":
+                    # Prefill alone is timed in the first --prefill-rounds rounds only (it is the long part).
+                    if phase == "prefill" and (args.memory_mode or r >= args.prefill_rounds):
                         continue
                     wall, cpu, guided = _timed(lambda: _decode(model, mode, prompts, n, args.device), args.device)
                     runs.append(dict(round=r, mode=mode, batch=b, phase=phase, new_tokens=n, wall_s=wall, cpu_s=cpu,
@@ -190,7 +191,12 @@ def summarize(runs: list[dict], key: tuple = ("batch",)) -> dict:
         cell["rounds"][rnd] = t["wall_s"]
         if p is not None:
             cell["prefill_wall"].append(p["wall_s"])
-            cell["decode_wall"].append(t["wall_s"] - p["wall_s"])
+    for (kk, mode, rnd), ph in by.items():  # decode = total - prefill (of this round, else the median one)
+        c = out.get(kk, {}).get(mode)
+        if c is None or "total" not in ph or not c["prefill_wall"]:
+            continue
+        p = ph["prefill"]["wall_s"] if "prefill" in ph else statistics.median(c["prefill_wall"])
+        c["decode_wall"].append(ph["total"]["wall_s"] - p)
     table: dict = {}
     for kk, modes in out.items():
         g = modes.get("greedy")
@@ -291,7 +297,7 @@ def _subprocess(args, extra: list[str]) -> dict | None:
     cmd = [sys.executable, "-m", "agdecode.bench", "--worker", "--model", args.model, "--device", args.device,
            "--dtype", args.dtype, "--new-tokens", str(args.new_tokens), "--reverse-tokens", str(args.reverse_tokens),
            "--rounds", str(args.rounds), "--modes", *args.modes, "--batch-sizes", *map(str, args.batch_sizes),
-           "--prompt-range", *map(str, args.prompt_range)] + extra \
+           "--prompt-range", *map(str, args.prompt_range), "--prefill-rounds", str(args.prefill_rounds)] + extra \
         + (["--random-init", args.random_init] if args.random_init else []) \
         + (["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -356,6 +362,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="what to measure")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--prefill-rounds", type=int, default=10**6,
+                   help="time the prompt alone in the first N rounds only (default: every round)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="latency: skip the peak-memory runs")
     p.add_argument("--throughput", action="store_true", help="measure batched throughput instead of latency")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="throughput: batch sizes")
