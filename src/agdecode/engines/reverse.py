@@ -10,7 +10,7 @@ head, ``(attention output projection's input * grad)`` summed over the head dime
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,33 @@ from ..adapters import get_adapter
 from ..models import input_device
 from ..sources import CachedForward, Row
 from . import frozen, rules_for
+
+
+@contextlib.contextmanager
+def _with_gradients(model: nn.Module, attribution: str, heads: bool) -> Iterator[list[torch.Tensor]]:
+    """The rules applied, gradients on, parameters frozen; yields the list the heads' outputs (the
+    inputs of each layer's attention output projection) are collected into when ``heads``."""
+    acts: list[torch.Tensor] = []
+    with contextlib.ExitStack() as stack:
+        if heads:
+            adapter = get_adapter(model)
+            for layer in adapter.layers(model):
+                h = adapter.attention_output(layer).register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
+                stack.callback(h.remove)
+        stack.enter_context(frozen(model))
+        stack.enter_context(rules_for(model, attribution))
+        stack.enter_context(torch.enable_grad())
+        yield acts
+
+
+def _head_relevance(model: nn.Module, acts, grads, positive: bool) -> torch.Tensor:
+    """Per head: (head output x its gradient), summed over positions and the head dimension ``(..., L, H)``."""
+    n_heads = get_adapter(model).head_shape(model)[1]
+    per_layer = []
+    for a, g in zip(acts, grads):
+        r = (a.detach() * g).float().unflatten(-1, (n_heads, -1))                   # (..., T, H, d)
+        per_layer.append((r.clamp(min=0) if positive else r).sum((-3, -1)))
+    return torch.stack(per_layer, dim=-2)
 
 
 def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tensor, attribution: str = "lrp",
@@ -31,34 +58,18 @@ def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tenso
         >>> tok_rel, head_rel = attribute(model, ids, torch.tensor([42, 7]), heads=True)
     """
     n = len(candidates)
-    acts: list[torch.Tensor] = []
-    with contextlib.ExitStack() as stack:
-        if heads:
-            adapter = get_adapter(model)
-            for layer in adapter.layers(model):
-                h = adapter.attention_output(layer).register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
-                stack.callback(h.remove)
-        stack.enter_context(frozen(model))
-        stack.enter_context(rules_for(model, attribution))
-        stack.enter_context(torch.enable_grad())
+    with _with_gradients(model, attribution, heads) as acts:
         x = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         z = model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1][candidates.to(x.device)]
         if n == 1:
             grads = [g[None] for g in torch.autograd.grad(z, [x, *acts])]
-        else:
+        else:  # one backward for all candidates: the identity's rows as a batch of output gradients
             eye = torch.eye(n, dtype=z.dtype, device=z.device)
             grads = torch.autograd.grad(z, [x, *acts], grad_outputs=eye, is_grads_batched=True)
-    token_rel = (x.detach()[None] * grads[0]).float().sum(-1)[:, 0]  # (n, T)
+    token_rel = (x.detach()[None] * grads[0]).float().sum(-1)[:, 0]                   # (n, T)
     if not heads:
         return token_rel, None
-    n_heads = get_adapter(model).head_shape(model)[1]
-    per_layer = []
-    for a, g in zip(acts, grads[1:]):
-        r = (a.detach()[None] * g).float().view(n, a.shape[1], n_heads, -1)  # (n, T, H, d)
-        if positive:
-            r = r.clamp(min=0)
-        per_layer.append(r.sum((1, 3)))
-    return token_rel, torch.stack(per_layer, dim=1)  # (n, L, H)
+    return token_rel, _head_relevance(model, [a[None] for a in acts], grads[1:], positive)[:, 0]  # (n, L, H)
 
 
 def attribute_batch(model: nn.Module, seqs: Sequence[torch.Tensor], targets: torch.Tensor, attribution: str = "lrp",
@@ -76,15 +87,7 @@ def attribute_batch(model: nn.Module, seqs: Sequence[torch.Tensor], targets: tor
 
     device = input_device(model)
     ids, mask = left_pad([s.to(device) for s in seqs])
-    acts: list[torch.Tensor] = []
-    with contextlib.ExitStack() as stack:
-        adapter = get_adapter(model)
-        for layer in adapter.layers(model):
-            h = adapter.attention_output(layer).register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
-            stack.callback(h.remove)
-        stack.enter_context(frozen(model))
-        stack.enter_context(rules_for(model, attribution))
-        stack.enter_context(torch.enable_grad())
+    with _with_gradients(model, attribution, heads=True) as acts:
         x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         mask = mask.to(device)
         logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
@@ -92,12 +95,7 @@ def attribute_batch(model: nn.Module, seqs: Sequence[torch.Tensor], targets: tor
         z = logits.gather(1, targets.to(device)[:, None]).sum()
         grads = torch.autograd.grad(z, [x, *acts])
     token_rel = (x.detach() * grads[0]).float().sum(-1)                                  # (B, T)
-    n_heads = adapter.head_shape(model)[1]
-    per_layer = []
-    for a, g in zip(acts, grads[1:]):
-        r = (a.detach() * g).float().unflatten(-1, (n_heads, -1))                        # (B, T, H, d)
-        per_layer.append((r.clamp(min=0) if positive else r).sum((1, 3)))
-    return [t[len(t) - len(s):] for t, s in zip(token_rel, seqs)], torch.stack(per_layer, dim=1)
+    return [t[len(t) - len(s):] for t, s in zip(token_rel, seqs)], _head_relevance(model, acts, grads[1:], positive)
 
 
 class ReverseEngine(CachedForward):
