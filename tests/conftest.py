@@ -90,3 +90,20 @@ def tiny(request, tokenizer):
 def messages():
     return [{"role": "system", "content": "Always answer in French."},
             {"role": "user", "content": "Tell me about cats."}]
+
+
+def save_tiny(tokenizer, folder, arch: str = "llama"):
+    """A tiny random model of ``arch`` with the SmolLM2 tokenizer, saved as a model folder (for CLI tests)."""
+    model = make_tiny(arch, len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

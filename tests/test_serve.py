@@ -27,7 +27,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import agdecode  # noqa: E402
 from agdecode.serve.app import AgdServer, create_app, safe_text  # noqa: E402
-from conftest import make_tiny  # noqa: E402
+from conftest import free_port, make_tiny, save_tiny  # noqa: E402
 
 KEY = "sk-test-key"
 CONV = [{"role": "system", "content": "Always answer in French."}, {"role": "user", "content": "Tell me about cats."}]
@@ -339,13 +339,8 @@ def test_a_client_that_disconnects_frees_its_row(served, tokenizer):
 def test_cli_serves_and_drains_on_sigterm(tokenizer, tmp_path):
     """`agd serve` in a subprocess: a request in flight when SIGTERM arrives still gets its full answer."""
     d = tmp_path / "tiny"
-    model = make_tiny("llama", len(tokenizer))
-    model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    model = save_tiny(tokenizer, d)
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(agdecode.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--port", str(port),
                              "--threads", "1", "--k", "3", "--min-prob", "0"],

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
 import agdecode  # noqa: E402
-from conftest import make_tiny  # noqa: E402
+from conftest import free_port, save_tiny  # noqa: E402
 
 CONV = [{"role": "system", "content": "Always answer in French."}, {"role": "user", "content": "Tell me about cats."}]
 
@@ -25,13 +24,8 @@ CONV = [{"role": "system", "content": "Always answer in French."}, {"role": "use
 @pytest.mark.timeout(400)
 def test_two_ray_replicas_serve_and_shut_down(tokenizer, tmp_path):
     d = tmp_path / "tiny"
-    model = make_tiny("llama", len(tokenizer))
-    model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    model = save_tiny(tokenizer, d)
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(agdecode.__file__).parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--port", str(port),
                              "--replicas", "2", "--num-cpus-per-replica", "1", "--threads", "1", "--k", "3",
