@@ -221,11 +221,13 @@ class Sample:
 
     def __init__(self, temperature: float, top_p: float, seed: int):
         self.settings = (temperature, top_p, seed)
-        self.samplers: dict[int, Sampler] = {}  # id(job) -> its generator
 
     def __call__(self, v: View, choice: Choice, src: Source) -> None:
         for i in choice.undecided():
-            sampler = self.samplers.setdefault(id(v.jobs[i]), Sampler(*self.settings))
+            job = v.jobs[i]
+            if job.sampler is None:  # the generator lives with its job: a new job starts from the seed
+                job.sampler = Sampler(*self.settings)
+            sampler = job.sampler
             choice.chosen[i], choice.reasons[i] = sampler(v.logits[i]), "sample"
             choice.info[i] = sampler.info()
 
@@ -279,6 +281,7 @@ class Job:
     finish_reason: str | None = None                   # "stop" (EOS / stop string / criterion), "length", "cancelled"
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
+    sampler: Sampler | None = None                     # method "sample": this job's seeded generator
 
 
 class Decoder:
