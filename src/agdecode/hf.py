@@ -21,15 +21,14 @@ import copy
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from .decoding import Decoder, Job, resolve_config, run
+from .decoding import Decoder, Job, _engine_row, resolve_config, run
 from .errors import AgdError
 from .roi import Prompt, Region, ROIError, render_prompt, resolve_region
-from .sources import Row, left_pad
+from .sources import left_pad
 
 __all__ = ["agd_generate", "generate", "prepare", "AGDGenerateOutput"]
 
@@ -167,7 +166,7 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
     settings = {n: v for n, v in zip(_SETTINGS, (k, min_prob, entropy_threshold, attribution, engine)) if v is not None}
     cfg = resolve_config(model, tokenizer, roi=roi if roi is not None else "mask", max_new_tokens=max_new, **settings)
     criteria = [c for c in stopping_criteria if type(c).__name__ != "MaxLengthCriteria"]  # = each job's max_new_tokens
-    jobs = [Job(_row(s, rs), rs, p, max_new, criteria) for s, rs, p in zip(seqs, regions, prompts)]
+    jobs = [Job(_engine_row(s, rs), rs, p, max_new, criteria) for s, rs, p in zip(seqs, regions, prompts)]
     rows = _PerRow(_processors(logits_processor, gen), jobs, pads, gen.return_dict_in_generate and gen.output_scores,
                    gen.return_dict_in_generate and gen.output_logits)
     decoder = Decoder(model, tokenizer, cfg, logits_processor=[rows], n_rois=len(regions[0]),
@@ -291,14 +290,6 @@ def _decoded_prompt(tokenizer, ids: torch.Tensor) -> Prompt:
     offsets = ([tuple(o) for o in enc["offset_mapping"]] if enc["input_ids"] == ids.tolist()
                else [(0, 0)] * len(ids))  # chars: ROIs then select nothing and say so
     return Prompt(text, ids[None], offsets)
-
-
-def _row(ids: torch.Tensor, regions: Sequence[Region]) -> Row:
-    heads = None
-    if any(r.heads is not None for r in regions):
-        shape = next(r.heads.shape for r in regions if r.heads is not None)
-        heads = torch.stack([r.heads if r.heads is not None else torch.zeros(shape) for r in regions])
-    return Row(ids, torch.stack([r.tokens for r in regions]), heads)
 
 
 def _processors(processors, gen) -> list:
