@@ -49,7 +49,7 @@ def stop_string(model, tok, messages, **settings):
         text = tok.decode(full.token_ids[i : i + 1])
         if text.strip() and text not in tok.decode(full.token_ids[:i]):
             return text, full
-    pytest.skip("no usable stop string in this run")
+    raise AssertionError("no usable stop string in the reference run (the seeded tiny model should give one)")
 
 
 def test_custom_generate_folder_equals_agdecode_generate(model, tokenizer, messages):

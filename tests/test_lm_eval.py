@@ -1,6 +1,8 @@
 """lm-evaluation-harness: the `agd` model type, run offline through lm-eval's own command line."""
 from __future__ import annotations
 
+import importlib
+
 import json
 import os
 import subprocess
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lm_eval")
+importlib.import_module("lm_eval")  # a dev dependency: a missing one is an error, not a skip
 
 import agdecode  # noqa: E402
 from agdecode.errors import AgdError  # noqa: E402
