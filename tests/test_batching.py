@@ -64,6 +64,20 @@ def test_batch_equals_single_on_every_architecture(tiny, engine):
                                  roi=["system", "user"])
 
 
+def test_attention_blocks_do_not_change_the_output(tiny, monkeypatch):
+    """On a CPU the forward engine's attention runs in blocks of (sequence, key head) pairs; a budget
+    so small that every pair is its own block decodes exactly as one block for the whole batch."""
+    import agdecode.engines.forward as forward
+
+    arch, model, tok = tiny
+    kw = dict(method="agd", max_new_tokens=5, entropy_threshold=0.0, engine="forward")
+    whole = generate(model, tok, CONVS, **kw)
+    monkeypatch.setattr(forward, "CPU_ATTENTION_BLOCK_BYTES", 1)
+    for out, ref in zip(generate(model, tok, CONVS, **kw), whole):
+        assert out.token_ids == ref.token_ids
+        _close_scores(out, ref, rel=1e-5)
+
+
 def test_batch_equals_single_forward_ad(tiny):
     arch, model, tok = tiny
     _assert_batch_equals_singles(model, tok, CONVS[:2], k=3, min_prob=0.0, max_new_tokens=3, engine="forward-ad")

@@ -124,6 +124,48 @@ def _mlp_rules(lrp: bool, w: int, mlp: MLP):
     return {"gated": gated, "fused-gated": fused_gated, "plain": plain}[mlp.kind]
 
 
+# On a CPU, the score-sized tensors of one block of (sequence, key head) pairs stay near this many
+# bytes (about one core's L2 cache). A large fresh tensor is mapped from the OS and page-faulted in
+# on every call (measured on SmolLM2: a 38 MB score matmul took 3x its arithmetic that way), while
+# small blocks reuse the allocator's memory and stay in cache between the matmuls and the softmax
+# that read them; batch 16, 512-token prompts: the attention took half the time. A GPU wants the
+# largest kernels it can get: no blocks there.
+CPU_ATTENTION_BLOCK_BYTES = 2**20
+
+
+def _dual_attention(q0, qt, qk, k0, kt, v0, vt, mask, g: int, fv: float):
+    """Attention of one block of sequences and key heads: the primal output and its tangents.
+
+    ``q0`` (b, h, G*T, d) and ``qt`` (b, R, h, G*T, d) are the queries as they meet the primal keys
+    (scaled, the tangent also by 1/query share), ``qk`` (b, h, G*T, d) the primal query as it meets
+    the tangent keys; ``k0``/``v0`` (b, h, S, d), ``kt``/``vt`` (b, R, h, S, d); ``mask`` (b, 1, T, S)
+    additive or None. Returns ``o0`` (b, h, G*T, d) and ``ot`` (b, R, h, G*T, d).
+    """
+    b, h, gt, _ = q0.shape
+    r, s, t = qt.shape[1], k0.shape[2], gt // g
+    if t == 1:
+        # Decoding is bound by reading the KV cache: each sequence's tangent queries join its
+        # primal one, so the primal keys and values are read once for all its rows.
+        q = torch.cat([q0[:, None], qt], dim=1).movedim(1, 2).flatten(2, 3)       # (b, h, (1+R)G, d)
+        sq = q @ k0.mT                                                          # (b, h, (1+R)G, S)
+        s0, ds = sq[:, :, :g], sq[:, :, g:].unflatten(2, (r, g)).movedim(2, 1)  # ds: (b, R, h, G, S)
+    else:
+        s0, ds = q0 @ k0.mT, qt @ k0[:, None].mT                                # (b, [R,] h, G*T, S)
+    if mask is not None:  # the same mask for the G query heads of a key head
+        s0.view(b, h, g, t, s).add_(mask[:, :, None])
+    a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(q0.dtype)           # (b, h, G*T, S)
+    ds = ds.add_(qk[:, None] @ kt.mT)
+    # Softmax Jacobian-vector product: da = a * ds - a * sum(a * ds), in two passes.
+    da = a[:, None] * ds
+    da = da.addcmul_(a[:, None], da.sum(-1, keepdim=True), value=-1.0)       # (b, R, h, G*T, S)
+    if t == 1:
+        o = torch.cat([a[:, None], da], dim=1).movedim(1, 2).flatten(2, 3) @ v0  # (b, h, (1+R)G, d)
+        o0, ot = o[:, :, :g], o[:, :, g:].unflatten(2, (r, g)).movedim(2, 1)
+    else:
+        o0, ot = a @ v0, da @ v0[:, None]
+    return o0, ot + (a[:, None] @ vt) / fv
+
+
 def _attention_rule(lrp: bool, w: int):
     """Attention on stacked rows: the primal's softmax, its exact derivative for the tangents, and the
     uniform rule on q.k and attn.v."""
@@ -135,37 +177,28 @@ def _attention_rule(lrp: bool, w: int):
                              "use engine='reverse'")
         n, h, t, d = query.shape
         hkv, s = key.shape[1], key.shape[2]
-        g, b, r = h // hkv, n // w, w - 1
+        g, b = h // hkv, n // w
         scaling = d ** -0.5 if scaling is None else scaling
         # Grouped-query attention as plain batched matmuls without copies: the G query heads sharing
         # a key head are folded into the query axis, (B, Hkv, G*T, d) against keys (B, Hkv, S, d).
         # Each sequence's tangent rows meet only its own primal keys and values.
         (q0, qt), (k0, kt), (v0, vt) = _split(query.reshape(n, hkv, g * t, d), w), _split(key, w), _split(value, w)
         q0, k0, v0 = q0[:, 0], k0[:, 0], v0[:, 0]                                  # (B, Hkv, ., d)
-        # Scales are folded into the (small) queries and outputs, never applied to the (large) scores
-        # or the cached keys and values.
-        q0s, qts = q0 * scaling, qt * (scaling / fq)
-        if t == 1:
-            # Decoding is bound by reading the KV cache: each sequence's tangent queries join its
-            # primal one, so the primal keys and values are read once for all its rows.
-            q = torch.cat([q0s[:, None], qts], dim=1).movedim(1, 2).flatten(2, 3)    # (B, Hkv, (1+R)G, d)
-            sq = q @ k0.mT                                                          # (B, Hkv, (1+R)G, S)
-            s0, ds = sq[:, :, :g], sq[:, :, g:].unflatten(2, (r, g)).movedim(2, 1)  # ds: (B, R, Hkv, G, S)
-        else:
-            s0, ds = q0s @ k0.mT, qts @ k0[:, None].mT                              # (B, [R,] Hkv, G*T, S)
-        if attention_mask is not None:  # (B*w, 1, T, S): every row of a sequence has its primal's mask
-            s0.view(b, hkv, g, t, s).add_(attention_mask[::w, :, None])
-        a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(query.dtype)        # (B, Hkv, G*T, S)
-        ds = ds.add_((q0 * (scaling / fk))[:, None] @ kt.mT)
-        # Softmax Jacobian-vector product: da = a * ds - a * sum(a * ds), in two passes.
-        da = a[:, None] * ds
-        da = da.addcmul_(a[:, None], da.sum(-1, keepdim=True), value=-1.0)       # (B, R, Hkv, G*T, S)
-        if t == 1:
-            o = torch.cat([a[:, None], da], dim=1).movedim(1, 2).flatten(2, 3) @ v0  # (B, Hkv, (1+R)G, d)
-            o0, ot = o[:, :, :g], o[:, :, g:].unflatten(2, (r, g)).movedim(2, 1)
-        else:
-            o0, ot = a @ v0, da @ v0[:, None]
-        out = _join(o0[:, None], ot + (a[:, None] @ vt) / fv)                     # (B*w, Hkv, G*T, d)
+        mask = None if attention_mask is None else attention_mask[::w]             # (B, 1, T, S): the primal's
+        # Blocks of (sequence, key head) pairs whose score tensors (primal, R tangents and temporaries)
+        # fit the budget: a pair or a few in a prefill on a CPU, the whole batch on a GPU.
+        budget = CPU_ATTENTION_BLOCK_BYTES if query.device.type == "cpu" else float("inf")
+        pairs = max(1, int(budget // ((2 + 2 * (w - 1)) * g * t * s * query.element_size())))
+        nb, nh = (max(1, pairs // hkv), hkv) if pairs >= hkv else (1, pairs)
+        out = query.new_empty(b, w, hkv, g * t, d)
+        for i in range(0, b, nb):
+            for j in range(0, hkv, nh):
+                sq, hd = slice(i, i + nb), slice(j, j + nh)
+                # Scales go on the (small) queries, never on the (large) scores or cached keys.
+                out[sq, 0, hd], out[sq, 1:, hd] = _dual_attention(
+                    q0[sq, hd] * scaling, qt[sq, :, hd] * (scaling / fq), q0[sq, hd] * (scaling / fk),
+                    k0[sq, hd], kt[sq, :, hd], v0[sq, hd], vt[sq, :, hd],
+                    None if mask is None else mask[sq], g, fv)
         return out.view(n, h, t, d).transpose(1, 2).contiguous(), None
 
     return attention
