@@ -327,3 +327,34 @@ def test_decoders_with_other_settings_take_turns_on_one_model(llama):
         d.__exit__(None, None, None)
     assert [j.out_ids for j in jobs] == [a.token_ids for a in alone]
     assert not any("forward" in vars(m) for m in model.modules())  # nothing left patched
+
+
+def test_kv_cache_appends_in_place_and_equals_concatenation():
+    """KVBatch's cache layers write into spare room instead of concatenating; whatever happens to
+    them (appends past the room, rows kept, keys replaced from outside, a crop) they hold what
+    concatenation would."""
+    from agdecode.sources import _growing_cache_class
+
+    cache = _growing_cache_class()()
+    torch.manual_seed(0)
+    ref = None
+    for step, t in enumerate([5, 1, 1, 70, 1, 1, 200, 1]):
+        new = torch.randn(4 if step <= 4 else 2, 2, t, 3)
+        keys, values = cache.update(new, -new, 0)
+        ref = new if ref is None else torch.cat([ref, new], dim=2)
+        torch.testing.assert_close(keys, ref, rtol=0, atol=0)
+        torch.testing.assert_close(values, -ref, rtol=0, atol=0)
+        assert cache.get_seq_length() == ref.shape[2]
+        if step == 1:  # an append that fits reuses the buffer
+            buffer = keys.data_ptr()
+        if step == 2:
+            assert keys.data_ptr() == buffer
+        if step == 4:  # KVBatch.keep replaces keys and values with a copy of some rows
+            layer = cache.layers[0]
+            layer.keys, layer.values = layer.keys[[0, 2]].contiguous(), layer.values[[0, 2]].contiguous()
+            ref = ref[[0, 2]]
+    cache.crop(-3)
+    ref = ref[:, :, :-3]
+    new = torch.randn(2, 2, 1, 3)
+    keys, _ = cache.update(new, -new, 0)
+    torch.testing.assert_close(keys, torch.cat([ref, new], dim=2), rtol=0, atol=0)

@@ -124,7 +124,7 @@ def _mlp_rules(lrp: bool, w: int, mlp: MLP):
     return {"gated": gated, "fused-gated": fused_gated, "plain": plain}[mlp.kind]
 
 
-# On a CPU, the score-sized tensors of one block of (sequence, key head) pairs stay near this many
+# On a CPU, the score-sized tensors of one block of key heads of a sequence stay near this many
 # bytes (about one core's L2 cache). A large fresh tensor is mapped from the OS and page-faulted in
 # on every call (measured on SmolLM2: a 38 MB score matmul took 3x its arithmetic that way), while
 # small blocks reuse the allocator's memory and stay in cache between the matmuls and the softmax
@@ -185,11 +185,16 @@ def _attention_rule(lrp: bool, w: int):
         (q0, qt), (k0, kt), (v0, vt) = _split(query.reshape(n, hkv, g * t, d), w), _split(key, w), _split(value, w)
         q0, k0, v0 = q0[:, 0], k0[:, 0], v0[:, 0]                                  # (B, Hkv, ., d)
         mask = None if attention_mask is None else attention_mask[::w]             # (B, 1, T, S): the primal's
-        # Blocks of (sequence, key head) pairs whose score tensors (primal, R tangents and temporaries)
-        # fit the budget: a pair or a few in a prefill on a CPU, the whole batch on a GPU.
-        budget = CPU_ATTENTION_BLOCK_BYTES if query.device.type == "cpu" else float("inf")
-        pairs = max(1, int(budget // ((2 + 2 * (w - 1)) * g * t * s * query.element_size())))
-        nb, nh = (max(1, pairs // hkv), hkv) if pairs >= hkv else (1, pairs)
+        if query.device.type == "cpu":
+            # One sequence per block, so its primal keys are a plain (Hkv, S, d) slice of the cache
+            # that the matmuls read in place: keys of several sequences stride over their tangent
+            # rows, and a batched matmul copies them first (measured: two thirds of a batch-16 decode
+            # step's attention). Within it, key heads whose score tensors (primal, R tangents and
+            # temporaries) fit the budget.
+            per_head = (2 + 2 * (w - 1)) * g * t * s * query.element_size()
+            nb, nh = 1, min(hkv, max(1, int(CPU_ATTENTION_BLOCK_BYTES // per_head)))
+        else:  # a GPU wants the largest kernels it can get
+            nb, nh = b, hkv
         out = query.new_empty(b, w, hkv, g * t, d)
         for i in range(0, b, nb):
             for j in range(0, hkv, nh):
