@@ -64,16 +64,20 @@ def test_batch_equals_single_on_every_architecture(tiny, engine):
                                  roi=["system", "user"])
 
 
-def test_attention_blocks_do_not_change_the_output(tiny, monkeypatch):
-    """On a CPU the forward engine's attention runs in blocks of (sequence, key head) pairs; a budget
-    so small that every pair is its own block decodes exactly as one block for the whole batch."""
+@pytest.mark.parametrize("blocks", ["whole batch (GPU)", "one head of one sequence"])
+def test_attention_blocks_do_not_change_the_output(tiny, monkeypatch, blocks):
+    """The forward engine's attention runs in blocks (on a CPU: one sequence and the key heads that
+    fit a budget; on a GPU: the whole batch); other blocks decode exactly as the default ones."""
     import agdecode.engines.forward as forward
 
     arch, model, tok = tiny
     kw = dict(method="agd", max_new_tokens=5, entropy_threshold=0.0, engine="forward")
-    whole = generate(model, tok, CONVS, **kw)
-    monkeypatch.setattr(forward, "CPU_ATTENTION_BLOCK_BYTES", 1)
-    for out, ref in zip(generate(model, tok, CONVS, **kw), whole):
+    default = generate(model, tok, CONVS, **kw)
+    if blocks.startswith("whole"):
+        monkeypatch.setattr(forward, "_attention_blocks", lambda device, b, hkv, head_bytes: (b, hkv))
+    else:
+        monkeypatch.setattr(forward, "CPU_ATTENTION_BLOCK_BYTES", 1)
+    for out, ref in zip(generate(model, tok, CONVS, **kw), default):
         assert out.token_ids == ref.token_ids
         _close_scores(out, ref, rel=1e-5)
 

@@ -166,6 +166,18 @@ def _dual_attention(q0, qt, qk, k0, kt, v0, vt, mask, g: int, fv: float):
     return o0, ot + (a[:, None] @ vt) / fv
 
 
+def _attention_blocks(device: torch.device, b: int, hkv: int, head_bytes: int) -> tuple[int, int]:
+    """How many sequences and key heads one block of the attention takes, out of ``b`` and ``hkv``;
+    ``head_bytes``: the score-sized tensors of one (sequence, key head) pair."""
+    if device.type != "cpu":  # a GPU wants the largest kernels it can get
+        return b, hkv
+    # One sequence per block, so its primal keys are a plain (Hkv, S, d) slice of the cache that the
+    # matmuls read in place: keys of several sequences stride over their tangent rows, and a batched
+    # matmul copies them first (measured: two thirds of a batch-16 decode step's attention). Within
+    # it, as many key heads as fit the budget.
+    return 1, min(hkv, max(1, CPU_ATTENTION_BLOCK_BYTES // head_bytes))
+
+
 def _attention_rule(lrp: bool, w: int):
     """Attention on stacked rows: the primal's softmax, its exact derivative for the tangents, and the
     uniform rule on q.k and attn.v."""
@@ -185,16 +197,7 @@ def _attention_rule(lrp: bool, w: int):
         (q0, qt), (k0, kt), (v0, vt) = _split(query.reshape(n, hkv, g * t, d), w), _split(key, w), _split(value, w)
         q0, k0, v0 = q0[:, 0], k0[:, 0], v0[:, 0]                                  # (B, Hkv, ., d)
         mask = None if attention_mask is None else attention_mask[::w]             # (B, 1, T, S): the primal's
-        if query.device.type == "cpu":
-            # One sequence per block, so its primal keys are a plain (Hkv, S, d) slice of the cache
-            # that the matmuls read in place: keys of several sequences stride over their tangent
-            # rows, and a batched matmul copies them first (measured: two thirds of a batch-16 decode
-            # step's attention). Within it, key heads whose score tensors (primal, R tangents and
-            # temporaries) fit the budget.
-            per_head = (2 + 2 * (w - 1)) * g * t * s * query.element_size()
-            nb, nh = 1, min(hkv, max(1, int(CPU_ATTENTION_BLOCK_BYTES // per_head)))
-        else:  # a GPU wants the largest kernels it can get
-            nb, nh = b, hkv
+        nb, nh = _attention_blocks(query.device, b, hkv, (2 + 2 * (w - 1)) * g * t * s * query.element_size())
         out = query.new_empty(b, w, hkv, g * t, d)
         for i in range(0, b, nb):
             for j in range(0, hkv, nh):
