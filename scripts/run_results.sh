@@ -52,6 +52,12 @@ else
     # has the rules in the user message (no system message, so greedy only).
     $AGD eval rules --data rules --method greedy,cad,$GATED --max-new-tokens "$MAX_RULES" --out "$OUT/rules" "${COMMON[@]}"
     $AGD eval rules --data rules-reference --method greedy --max-new-tokens "$MAX_RULES" --out "$OUT/rules-reference" "${COMMON[@]}"
+    # Rules over a conversation: a user turn contradicting them, an earlier exchange, both; the
+    # contrast ROI "system - user" beside the system ROI.
+    for set in rules-conflict rules-multiturn rules-conflict-multiturn; do
+        $AGD eval rules --data "$set" --method "greedy,cad,agd,agd-gated,agd@system - user" --max-new-tokens "$MAX_RULES" \
+            --out "$OUT/$set" "${COMMON[@]}"
+    done
     # Closed-book QA (ROI: the question; DoLa is the factuality baseline).
     $AGD eval qa --data triviaqa --method greedy,dola,$CLOSED$CLOSED_HEADS --max-new-tokens "$MAX_QA" --out "$OUT/triviaqa" "${COMMON[@]}"
     $AGD eval qa --data nq --method greedy,dola,$CLOSED$CLOSED_HEADS --max-new-tokens "$MAX_QA" --out "$OUT/nq" "${COMMON[@]}"
