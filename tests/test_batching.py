@@ -357,6 +357,10 @@ def test_kv_cache_appends_in_place_and_equals_concatenation():
             layer = cache.layers[0]
             layer.keys, layer.values = layer.keys[[0, 2]].contiguous(), layer.values[[0, 2]].contiguous()
             ref = ref[[0, 2]]
+        if step == 6:  # ... or through replace(), which frees the old buffers at once
+            layer.replace(layer.keys[[1, 0]].contiguous(), layer.values[[1, 0]].contiguous())
+            assert layer._key_buffer is None and layer._value_buffer is None
+            ref = ref[[1, 0]]
     cache.crop(-3)
     ref = ref[:, :, :-3]
     new = torch.randn(2, 2, 1, 3)

@@ -66,9 +66,12 @@ def _growing_cache_class() -> type:
         ``DynamicLayer`` concatenates: every decode step copies the whole cache into a fresh tensor
         (measured on SmolLM2, batch 16 with two rows per sequence, 512-token prompts: 30 layers x 2 x
         13 MB per step, three quarters of a decode step). Here ``keys``/``values`` are views of a
-        buffer with room for a quarter more columns (at least 64), reallocated when full; a
-        ``keys``/``values`` replaced from outside (:meth:`KVBatch.keep`, ``_merge``) is simply
-        copied into a new buffer at the next append. With gradients on, it concatenates as before.
+        buffer with room for a quarter more columns (at least 64), reallocated when full.
+        ``replace`` (:meth:`KVBatch.keep`, ``_merge``) frees the buffers at once; keys or values
+        replaced any other way are copied into a new buffer at the next append. Under gradients it
+        concatenates, as ``DynamicLayer`` does. Not for callers that crop and then append while
+        holding older, longer views (assisted generation; nothing here does): the append writes
+        over columns such a view still shows.
         """
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -77,6 +80,11 @@ def _growing_cache_class() -> type:
             self.keys = self._append(self.keys, key_states, "_key_buffer")
             self.values = self._append(self.values, value_states, "_value_buffer")
             return self.keys, self.values
+
+        def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """New keys and values (other rows or columns); the old buffers are freed now, not at the next append."""
+            self.keys, self.values = keys, values
+            self._key_buffer = self._value_buffer = None
 
         def _append(self, old: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
             buf = getattr(self, name, None)
@@ -162,8 +170,7 @@ class KVBatch:
         self.mask = self.mask[:, dead:]
         for layer in self.cache.layers:
             # Slicing alone would keep the old storage alive: copy, so the freed rows' memory is released.
-            layer.keys = layer.keys[rows, :, dead:].contiguous()
-            layer.values = layer.values[rows, :, dead:].contiguous()
+            layer.replace(layer.keys[rows, :, dead:].contiguous(), layer.values[rows, :, dead:].contiguous())
 
     def _merge(self, cache, mask: torch.Tensor) -> None:
         if self.cache is None or len(self) == 0:
@@ -172,9 +179,8 @@ class KVBatch:
         s_old, s_new = self.mask.shape[1], mask.shape[1]
         s = max(s_old, s_new)
         for old, new in zip(self.cache.layers, cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(old, name), getattr(new, name)
-                setattr(old, name, torch.cat([F.pad(a, (0, 0, s - s_old, 0)), F.pad(b, (0, 0, s - s_new, 0))]))
+            old.replace(*(torch.cat([F.pad(a, (0, 0, s - s_old, 0)), F.pad(b, (0, 0, s - s_new, 0))])
+                          for a, b in ((old.keys, new.keys), (old.values, new.values))))
         self.mask = torch.cat([F.pad(self.mask, (s - s_old, 0)), F.pad(mask, (s - s_new, 0))])
 
     def clear(self) -> None:

@@ -175,7 +175,7 @@ def _attention_blocks(device: torch.device, b: int, hkv: int, head_bytes: int) -
     # matmuls read in place: keys of several sequences stride over their tangent rows, and a batched
     # matmul copies them first (measured: two thirds of a batch-16 decode step's attention). Within
     # it, as many key heads as fit the budget.
-    return 1, min(hkv, max(1, CPU_ATTENTION_BLOCK_BYTES // head_bytes))
+    return 1, min(hkv, max(1, int(CPU_ATTENTION_BLOCK_BYTES // head_bytes)))
 
 
 def _attention_rule(lrp: bool, w: int):
