@@ -353,7 +353,7 @@ def test_kv_cache_appends_in_place_and_equals_concatenation():
             buffer = keys.data_ptr()
         if step == 2:
             assert keys.data_ptr() == buffer
-        if step == 4:  # KVBatch.keep replaces keys and values with a copy of some rows
+        if step == 4:  # keys and values replaced from outside by a copy of some rows, not through replace()
             layer = cache.layers[0]
             layer.keys, layer.values = layer.keys[[0, 2]].contiguous(), layer.values[[0, 2]].contiguous()
             ref = ref[[0, 2]]

@@ -112,8 +112,9 @@ class KVBatch:
     """Cache rows of left-padded sequences: the KV cache, a 2-D mask ``(N, S)`` and next positions ``(N,)``.
 
     Sequences are added by a prefill into a fresh cache that is then merged (both sides left-padded
-    to the longer one), so new sequences can join a batch that is decoding. A plain
-    ``DynamicCache`` (no sliding-window layers) keeps every layer's keys aligned column by column,
+    to the longer one), so new sequences can join a batch that is decoding. A
+    ``DynamicCache`` without sliding-window layers (one that appends in place, see
+    ``_growing_cache_class``) keeps every layer's keys aligned column by column,
     which the merge and the trimming of dead padding rely on; sliding-window attention still comes
     from the mask.
 
