@@ -67,14 +67,16 @@ def test_batch_equals_single_on_every_architecture(tiny, engine):
 @pytest.mark.parametrize("blocks", ["whole batch (GPU)", "one head of one sequence"])
 def test_attention_blocks_do_not_change_the_output(tiny, monkeypatch, blocks):
     """The forward engine's attention runs in blocks (on a CPU: one sequence and the key heads that
-    fit a budget; on a GPU: the whole batch); other blocks decode exactly as the default ones."""
+    fit a budget; on a GPU: the whole batch), and its prefill in groups (on a CPU: each sequence at
+    its own length; on a GPU: the whole batch, left-padded); the GPU's way decodes exactly as the CPU's."""
     import agdecode.engines.forward as forward
 
     arch, model, tok = tiny
-    kw = dict(method="agd", max_new_tokens=5, entropy_threshold=0.0, engine="forward")
+    kw = dict(method="agd", max_new_tokens=5, entropy_threshold=0.0, engine="forward", roi=["system", "heads:0.1,1.3"])
     default = generate(model, tok, CONVS, **kw)
     if blocks.startswith("whole"):
         monkeypatch.setattr(forward, "_attention_blocks", lambda device, b, hkv, head_bytes: (b, hkv))
+        monkeypatch.setattr(forward, "prefill_groups", lambda device, n: [slice(0, n)])
     else:
         monkeypatch.setattr(forward, "CPU_ATTENTION_BLOCK_BYTES", 1)
     for out, ref in zip(generate(model, tok, CONVS, **kw), default):
@@ -366,3 +368,24 @@ def test_kv_cache_appends_in_place_and_equals_concatenation():
     new = torch.randn(2, 2, 1, 3)
     keys, _ = cache.update(new, -new, 0)
     torch.testing.assert_close(keys, torch.cat([ref, new], dim=2), rtol=0, atol=0)
+
+
+def test_kv_merge_of_parts_equals_one_padded_prefill(llama):
+    """Sequences run apart (``KVBatch.run``) and merged in one copy, some joining a running batch,
+    decode as the same sequences prefilled together, left-padded."""
+    from agdecode.sources import KVBatch, left_pad
+
+    model, tok = llama
+    prompts = [render_prompt(tok, c).input_ids[0] for c in CONVS]
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        together = KVBatch(model)
+        ids, mask = left_pad(prompts)
+        together.prefill(embed(ids), mask)
+        apart = KVBatch(model, prefill_chunk=4)
+        apart.prefill(embed(prompts[2][None]), torch.ones(1, len(prompts[2]), dtype=torch.long))
+        apart.merge([apart.run(embed(p[None]), torch.ones(1, len(p), dtype=torch.long))[1] for p in prompts[:2]])
+        apart.keep(torch.tensor([1, 2, 0]))   # back to the order of ``together``
+        assert apart.mask.tolist() == together.mask.tolist()
+        nxt = embed(torch.tensor([[5], [6], [7]]))
+        torch.testing.assert_close(apart.step(nxt).logits, together.step(nxt).logits, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .models import forward_cached, input_device
 
-__all__ = ["Row", "Source", "KVBatch", "CachedForward", "left_pad"]
+__all__ = ["Row", "Source", "KVBatch", "CachedForward", "left_pad", "prefill_groups"]
 
 
 @dataclass
@@ -54,6 +54,22 @@ def left_pad(seqs: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tens
     return padded, mask
 
 
+def prefill_groups(device: torch.device, n: int) -> list[slice]:
+    """The groups of consecutive sequences, out of ``n`` being added, that one prefill pass runs together.
+
+    On a CPU each sequence runs alone, at its own length: a left-padded batch computes every padding
+    position too (prompts of 256-512 tokens: a quarter of the work), while the matrices of one
+    sequence's chunk are already large enough to run the CPU at full speed. A GPU wants the largest
+    kernels it can get: one group.
+
+    Example:
+        >>> prefill_groups(torch.device("cpu"), 3)
+        [slice(0, 1, None), slice(1, 2, None), slice(2, 3, None)]
+    """
+    size = 1 if device.type == "cpu" else max(n, 1)
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
 @functools.cache
 def _growing_cache_class() -> type:
     """A ``DynamicCache`` whose layers append into spare room (``_GrowingLayer``); defined on first
@@ -67,7 +83,7 @@ def _growing_cache_class() -> type:
         (measured on SmolLM2, batch 16 with two rows per sequence, 512-token prompts: 30 layers x 2 x
         13 MB per step, three quarters of a decode step). Here ``keys``/``values`` are views of a
         buffer with room for a quarter more columns (at least 64), reallocated when full.
-        ``replace`` (:meth:`KVBatch.keep`, ``_merge``) frees the buffers at once; keys or values
+        ``replace`` (:meth:`KVBatch.keep`, :meth:`KVBatch.merge`) frees the buffers at once; keys or values
         replaced any other way are copied into a new buffer at the next append. Under gradients it
         concatenates, as ``DynamicLayer`` does. Not for callers that crop and then append while
         holding older, longer views (assisted generation; nothing here does): the append writes
@@ -141,8 +157,15 @@ class KVBatch:
                                     position_ids=positions, logits_to_keep=1, **self.extra)
         return out, cache
 
-    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, on_chunk=None):
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor):
         """Run new rows ``(n, T, D)`` with mask ``(n, T)`` and add them to the batch; returns the last output."""
+        out, part = self.run(embeds, mask)
+        self.merge([part])
+        return out
+
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor):
+        """Run new rows ``(n, T, D)`` with mask ``(n, T)`` into a cache of their own; returns the last
+        output and the part (cache, mask) for :meth:`merge`, which adds it to the batch."""
         mask = mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)        # left padding: each row counts from its first token
         cache, out = _growing_cache_class()(), None
@@ -150,11 +173,8 @@ class KVBatch:
         # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
         for start in range(0, embeds.shape[1], chunk):
             end = start + chunk
-            if on_chunk is not None:
-                on_chunk(start, end)
             out, cache = self._forward(cache, embeds[:, start:end], mask[:, :end], positions[:, start:end])
-        self._merge(cache, mask)
-        return out
+        return out, (cache, mask)
 
     def step(self, embeds: torch.Tensor):
         """Append one token to every row: ``embeds`` ``(N, 1, D)``."""
@@ -173,16 +193,21 @@ class KVBatch:
             # Slicing alone would keep the old storage alive: copy, so the freed rows' memory is released.
             layer.replace(layer.keys[rows, :, dead:].contiguous(), layer.values[rows, :, dead:].contiguous())
 
-    def _merge(self, cache, mask: torch.Tensor) -> None:
-        if self.cache is None or len(self) == 0:
-            self.cache, self.mask = cache, mask
+    def merge(self, parts: Sequence[tuple]) -> None:
+        """Add the rows of :meth:`run` parts ``(cache, mask)`` to the batch, in order, with one copy:
+        every part and the batch are left-padded to the longest of them."""
+        if self.cache is not None and len(self):
+            parts = [(self.cache, self.mask), *parts]
+        if len(parts) == 1:
+            self.cache, self.mask = parts[0]
             return
-        s_old, s_new = self.mask.shape[1], mask.shape[1]
-        s = max(s_old, s_new)
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.replace(*(torch.cat([F.pad(a, (0, 0, s - s_old, 0)), F.pad(b, (0, 0, s - s_new, 0))])
-                          for a, b in ((old.keys, new.keys), (old.values, new.values))))
-        self.mask = torch.cat([F.pad(self.mask, (s - s_old, 0)), F.pad(mask, (s - s_new, 0))])
+        s = max(m.shape[1] for _, m in parts)
+        for i, layer in enumerate(parts[0][0].layers):
+            layer.replace(*(torch.cat([F.pad(getattr(c.layers[i], name), (0, 0, s - m.shape[1], 0)) for c, m in parts])
+                            for name in ("keys", "values")))
+            for c, _ in parts[1:]:  # freed layer by layer: the peak stays near one copy of the cache
+                c.layers[i].replace(None, None)
+        self.cache, self.mask = parts[0][0], torch.cat([F.pad(m, (s - m.shape[1], 0)) for _, m in parts])
 
     def clear(self) -> None:
         self.cache, self.mask = None, None

@@ -40,7 +40,7 @@ from ..architectures import get_spec
 from ..architectures.spec import MLP, Norm
 from ..models import input_device
 from ..rules import GATE_SHARE, IDENTITY_EPS, KEY_SHARE, QUERY_SHARE, VALUE_SHARE
-from ..sources import KVBatch, Row, Source, left_pad
+from ..sources import KVBatch, Row, Source, left_pad, prefill_groups
 
 
 def _split(x: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,23 +353,28 @@ class ForwardEngine(Source):
             return self._prefill(rows)
 
     def _prefill(self, rows: Sequence[Row]) -> torch.Tensor:
-        ids, mask = left_pad([r.input_ids.to(self.device) for r in rows])          # (n, T)
-        weights, _ = left_pad([r.token_weights.float().to(self.device) for r in rows])  # (n, R, T)
-        x = self.model.get_input_embeddings()(ids)                                  # (n, T, D)
-        tangents = x[:, None] * weights[..., None].to(x.dtype)                       # (n, R, T, D)
-        stacked = _join(x[:, None], tangents)                                        # (n(1+R), T, D)
+        joining = len(self.kv) > 0
+        parts, logits, scores, heads = [], [], [], []
+        for group in prefill_groups(self.device, len(rows)):
+            ids, mask = left_pad([r.input_ids.to(self.device) for r in rows[group]])          # (n, T)
+            weights, _ = left_pad([r.token_weights.float().to(self.device) for r in rows[group]])  # (n, R, T)
+            x = self.model.get_input_embeddings()(ids)                                         # (n, T, D)
+            tangents = x[:, None] * weights[..., None].to(x.dtype)                              # (n, R, T, D)
+            if self.heads:
+                heads.append(torch.stack([r.head_weights.to(self.device) for r in rows[group]]))  # (n, R, L, H)
+                self._running_heads = heads[-1]
+            out, part = self.kv.run(_join(x[:, None], tangents), mask.repeat_interleave(self.width, 0))
+            parts.append(part)
+            both = out.logits[:, -1].unflatten(0, (-1, self.width))                           # (n, 1 + R, V)
+            logits.append(both[:, 0])
+            scores.append(both[:, 1:])
+        self.kv.merge(parts)
+        # Sequences joining a running batch come after it; the others keep their current scores.
+        self.last_scores = torch.cat(([self.last_scores] if joining else []) + scores)
         if self.heads:
-            new = torch.stack([r.head_weights.to(self.device) for r in rows])       # (n, R, L, H)
-            self._running_heads = new
-        out = self.kv.prefill(stacked, mask.repeat_interleave(self.width, 0))
-        if self.heads:
-            self.head_weights = new if self.head_weights is None else torch.cat([self.head_weights, new])
+            self.head_weights = torch.cat(([self.head_weights] if joining else []) + heads)
             self._running_heads = self.head_weights
-        old = self.last_scores if len(self.kv) > len(rows) * self.width else None
-        logits = self._logits(out)
-        if old is not None:  # joined a running batch: the others keep their current scores
-            self.last_scores = torch.cat([old, self.last_scores])
-        return logits
+        return torch.cat(logits)
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         with self._dual():
