@@ -134,7 +134,8 @@ CPU_ATTENTION_BLOCK_BYTES = 2**20
 
 
 def _dual_attention(q0, qt, qk, k0, kt, v0, vt, mask, g: int, fv: float):
-    """Attention of one block of sequences and key heads: the primal output and its tangents.
+    """Attention of one block of sequences and key heads over several new tokens: the primal output
+    and its tangents.
 
     ``q0`` (b, h, G*T, d) and ``qt`` (b, R, h, G*T, d) are the queries as they meet the primal keys
     (scaled, the tangent also by 1/query share), ``qk`` (b, h, G*T, d) the primal query as it meets
@@ -142,28 +143,60 @@ def _dual_attention(q0, qt, qk, k0, kt, v0, vt, mask, g: int, fv: float):
     additive or None. Returns ``o0`` (b, h, G*T, d) and ``ot`` (b, R, h, G*T, d).
     """
     b, h, gt, _ = q0.shape
-    r, s, t = qt.shape[1], k0.shape[2], gt // g
-    if t == 1:
-        # Decoding is bound by reading the KV cache: each sequence's tangent queries join its
-        # primal one, so the primal keys and values are read once for all its rows.
-        q = torch.cat([q0[:, None], qt], dim=1).movedim(1, 2).flatten(2, 3)       # (b, h, (1+R)G, d)
-        sq = q @ k0.mT                                                          # (b, h, (1+R)G, S)
-        s0, ds = sq[:, :, :g], sq[:, :, g:].unflatten(2, (r, g)).movedim(2, 1)  # ds: (b, R, h, G, S)
-    else:
-        s0, ds = q0 @ k0.mT, qt @ k0[:, None].mT                                # (b, [R,] h, G*T, S)
+    s, t = k0.shape[2], gt // g
+    s0 = q0 @ k0.mT                                                           # (b, h, G*T, S)
     if mask is not None:  # the same mask for the G query heads of a key head
         s0.view(b, h, g, t, s).add_(mask[:, :, None])
     a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(q0.dtype)           # (b, h, G*T, S)
-    ds = ds.add_(qk[:, None] @ kt.mT)
-    # Softmax Jacobian-vector product: da = a * ds - a * sum(a * ds), in two passes.
-    da = a[:, None] * ds
-    da = da.addcmul_(a[:, None], da.sum(-1, keepdim=True), value=-1.0)       # (b, R, h, G*T, S)
-    if t == 1:
-        o = torch.cat([a[:, None], da], dim=1).movedim(1, 2).flatten(2, 3) @ v0  # (b, h, (1+R)G, d)
-        o0, ot = o[:, :, :g], o[:, :, g:].unflatten(2, (r, g)).movedim(2, 1)
-    else:
-        o0, ot = a @ v0, da @ v0[:, None]
+    ds = (qt @ k0[:, None].mT).add_(qk[:, None] @ kt.mT)                     # (b, R, h, G*T, S)
+    # Softmax Jacobian-vector product da = a * ds - a * sum(a * ds); its product with v0 is
+    # (a * ds) @ v0 - sum(a * ds) * (a @ v0): the correction lands on the small output, not on
+    # the score-sized da (one pass over it fewer).
+    ads = ds.mul_(a[:, None])                                                 # (b, R, h, G*T, S)
+    o0 = a @ v0                                                               # (b, h, G*T, d)
+    ot = (ads @ v0[:, None]).addcmul_(ads.sum(-1, keepdim=True), o0[:, None], value=-1.0)
     return o0, ot + (a[:, None] @ vt) / fv
+
+
+def _dual_decode_attention(q, key, value, mask, w: int, scaling: float, fq: float, fk: float, fv: float):
+    """Attention of one new token per row, for the whole batch at once: decoding is bound by reading
+    the KV cache, so each cached key and value (primal and tangent) is read once, by one matmul.
+
+    ``q`` (n, Hkv, G, d) with n = B*w rows (each sequence's primal, then its R tangents); ``key``/``value``
+    (n, Hkv, S, d), the cache as it lies (the rows fold into the matmul's batch without a copy);
+    ``mask`` (n, 1, 1, S) additive or None. Returns the output (n, Hkv, G, d).
+
+    Row 0 of a sequence's keys meets its primal and tangent queries, rows 1..R (the tangent keys)
+    the primal query: one (w*G)-row query block per cache row, the unused part of it zero.
+    """
+    n, hkv, g, d = q.shape
+    b, r, s = n // w, w - 1, key.shape[2]
+    qv = q.view(b, w, hkv, g, d)
+    blocks = q.new_zeros(b, w, hkv, w * g, d)
+    blocks[:, 0, :, :g] = qv[:, 0] * scaling
+    blocks[:, 0, :, g:] = qv[:, 1:].movedim(1, 2).flatten(2, 3) * (scaling / fq)  # (b, Hkv, R*G, d)
+    blocks[:, 1:, :, :g] = (qv[:, 0] * (scaling / fk))[:, None]
+    sc = blocks @ key.view(b, w, hkv, s, d).mT                                   # (b, w, Hkv, w*G, S)
+    s0 = sc[:, 0, :, :g]                                                         # (b, Hkv, G, S)
+    if mask is not None:
+        s0 += mask[::w]                                                          # (b, 1, 1, S)
+    a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(q.dtype)
+    # The tangent scores, in place: ds_j = qt_j . k0 + qk . kt_j, then a * ds_j (the softmax's
+    # Jacobian-vector product less a * sum(a * ds_j), which is applied to the output, as in _dual_attention).
+    ads = sc[:, 0, :, g:].unflatten(2, (r, g))                                   # (b, Hkv, R, G, S)
+    ads += sc[:, 1:, :, :g].movedim(1, 2)
+    ads *= a[:, :, None]
+    c = ads.sum(-1, keepdim=True)                                                # (b, Hkv, R, G, 1)
+    # The same blocks now weigh the values: row 0 [a; a*ds_1..R] against v0, rows j a / fv against vt_j.
+    sc[:, 0, :, :g] = a
+    sc[:, 1:, :, :g] = (a / fv)[:, None]
+    sc[:, 1:, :, g:] = 0
+    o = sc @ value.view(b, w, hkv, s, d)                                         # (b, w, Hkv, w*G, d)
+    out = torch.empty_like(qv)                                                   # (b, w, Hkv, G, d)
+    o0 = out[:, 0] = o[:, 0, :, :g]
+    ot = o[:, 0, :, g:].unflatten(2, (r, g)).addcmul_(c, o0[:, :, None], value=-1.0)  # (b, Hkv, R, G, d)
+    out[:, 1:] = ot.movedim(2, 1) + o[:, 1:, :, :g]
+    return out.view(n, hkv, g, d)
 
 
 def _attention_blocks(device: torch.device, b: int, hkv: int, head_bytes: int) -> tuple[int, int]:
@@ -191,6 +224,9 @@ def _attention_rule(lrp: bool, w: int):
         hkv, s = key.shape[1], key.shape[2]
         g, b = h // hkv, n // w
         scaling = d ** -0.5 if scaling is None else scaling
+        if t == 1:
+            out = _dual_decode_attention(query.reshape(n, hkv, g, d), key, value, attention_mask, w, scaling, fq, fk, fv)
+            return out.view(n, h, 1, d).transpose(1, 2), None
         # Grouped-query attention as plain batched matmuls without copies: the G query heads sharing
         # a key head are folded into the query axis, (B, Hkv, G*T, d) against keys (B, Hkv, S, d).
         # Each sequence's tangent rows meet only its own primal keys and values.
