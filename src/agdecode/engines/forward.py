@@ -206,8 +206,8 @@ def _attention_blocks(device: torch.device, b: int, hkv: int, head_bytes: int) -
         return b, hkv
     # One sequence per block, so its primal keys are a plain (Hkv, S, d) slice of the cache that the
     # matmuls read in place: keys of several sequences stride over their tangent rows, and a batched
-    # matmul copies them first (measured: two thirds of a batch-16 decode step's attention). Within
-    # it, as many key heads as fit the budget.
+    # matmul copies them first (measured when decoding still ran here: two thirds of a batch-16 decode
+    # step's attention). Within it, as many key heads as fit the budget.
     return 1, min(hkv, max(1, int(CPU_ATTENTION_BLOCK_BYTES // head_bytes)))
 
 
@@ -224,7 +224,7 @@ def _attention_rule(lrp: bool, w: int):
         hkv, s = key.shape[1], key.shape[2]
         g, b = h // hkv, n // w
         scaling = d ** -0.5 if scaling is None else scaling
-        if t == 1:
+        if t == 1:  # decoding: the whole batch at once, over the cache as it lies
             out = _dual_decode_attention(query.reshape(n, hkv, g, d), key, value, attention_mask, w, scaling, fq, fk, fv)
             return out.view(n, h, 1, d).transpose(1, 2), None
         # Grouped-query attention as plain batched matmuls without copies: the G query heads sharing
