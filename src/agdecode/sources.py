@@ -77,8 +77,6 @@ def _growing_cache_class() -> type:
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
     class _GrowingLayer(DynamicLayer):
-        reserve = 0  # columns of the first buffer, at least (set by ``_GrowingCache``)
-
         """A ``DynamicLayer`` that writes new keys and values into spare columns of a buffer.
 
         ``DynamicLayer`` concatenates: every decode step copies the whole cache into a fresh tensor
@@ -91,6 +89,8 @@ def _growing_cache_class() -> type:
         holding older, longer views (assisted generation; nothing here does): the append writes
         over columns such a view still shows.
         """
+
+        reserve = 0  # columns of the first buffer, at least (set by ``_GrowingCache``)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized or key_states.requires_grad or value_states.requires_grad:
