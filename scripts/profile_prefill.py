@@ -23,6 +23,8 @@ def main() -> None:
     p.add_argument("length", type=int)
     p.add_argument("--rows", type=int, default=10, help="operators to list")
     args = p.parse_args()
+    if args.length < 1 or args.rows < 1:
+        p.error("length and --rows must be at least 1")
     torch.set_num_threads(1)
     model = load_model("smollm2")[0]
     ids = _prompts(model, [args.length], 0)[0]
