@@ -23,7 +23,7 @@ def smollm2():
     """The real default model (SmolLM2-135M-Instruct, fp32) and its tokenizer."""
     import agdecode
 
-    return agdecode.load_model("smollm2")
+    return agdecode.load_model("smollm2", dtype="float32")
 
 
 @pytest.fixture(scope="session")

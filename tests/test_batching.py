@@ -280,7 +280,7 @@ def test_cli_input_jsonl_writes_one_result_per_line_and_resumes(tokenizer, tmp_p
     f = tmp_path / "in.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out.jsonl"
-    args = ["generate", "--model", str(d), "--input", str(f), "--output", str(out), "--max-new-tokens", "3",
+    args = ["generate", "--model", str(d), "--dtype", "float32", "--input", str(f), "--output", str(out), "--max-new-tokens", "3",
             "--k", "3", "--min-prob", "0", "--batch-size", "2"]
     assert main(args) == 0
     recs = [json.loads(x) for x in out.read_text().splitlines()]

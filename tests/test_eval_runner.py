@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import agdecode.decoding
 from agdecode.eval.records import RunMismatchError
@@ -53,6 +54,16 @@ def test_run_records_every_item_with_scores_quality_trace_and_timing(tiny_llama,
     run = json.loads((tmp_path / "out" / "agd" / "run.json").read_text())
     assert run["settings"]["generate"] == {"method": "agd", "max_new_tokens": 3, "attribution": "lrp", "roi": "user"}
     assert run["settings"]["model"]["model_type"] == "llama" and run["info"]["data"]["n_items"] == 5
+    assert run["settings"]["dtype"] == "float32"  # as the model runs, not the spec's "auto"
+
+
+def test_a_run_is_not_resumed_in_another_dtype(tiny_llama, qa_file, tmp_path):
+    model, tok = tiny_llama
+    run_eval(_spec(qa_file, limit=2), tmp_path / "out", model, tok, progress=False)
+    with pytest.raises(RunMismatchError, match="differences: dtype"):
+        run_eval(_spec(qa_file, limit=3), tmp_path / "out", model.to(torch.bfloat16), tok, progress=False)
+    model.to(torch.float32)
+    assert len(_records(tmp_path / "out" / "greedy")) == 2
 
 
 def test_killed_and_resumed_run_equals_an_unbroken_one(tiny_llama, qa_file, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def folder(tmp_path_factory, tokenizer):
 
 
 def test_folder_loads(folder, tokenizer):
-    model, tok = load_model(folder)
+    model, tok = load_model(folder, dtype="float32")
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert next(model.parameters()).device == torch.device("cpu") and model.dtype == torch.float32
     assert tok("Hello")["input_ids"] == tokenizer("Hello")["input_ids"]
@@ -37,14 +37,61 @@ def test_folder_loads(folder, tokenizer):
     assert model.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_exactly_where_the_device_has_bf16_units(folder, monkeypatch, native):
+    from agdecode import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": (native, "a CPU (test)"))
+    want = torch.bfloat16 if native else torch.float32
+    assert models.resolve_dtype("auto", "cpu") == want
+    assert load_model(folder)[0].dtype == want  # "auto" is the default
+
+
+def test_cpu_bf16_units_are_detected_not_guessed(monkeypatch):
+    from agdecode import models
+
+    found = models.native_bf16("cpu")
+    flags = models._cpu_flags()
+    if flags:  # torch's own check and /proc/cpuinfo agree on this machine
+        assert found[0] == bool({"amx_bf16", "avx512_bf16"} & flags)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert models.native_bf16("cpu") == (False, "CPU without AMX or AVX-512 BF16 units")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert models.native_bf16("cpu") == (True, "CPU with AMX")
+
+
+def test_slow_or_unsupported_dtypes_warn_once_or_are_refused(monkeypatch):
+    from agdecode import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": (False, "CPU without AMX or AVX-512 BF16 units"))
+    monkeypatch.setattr(models, "_WARNED", set())
+    with pytest.warns(UserWarning, match=r"bfloat16 on a CPU without .* slower than float32; pass dtype='float32'"):
+        assert models.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per dtype, not on every load
+        models.resolve_dtype("bfloat16", "cpu")
+        assert models.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(models, "native_bf16", lambda device="cpu": (False, "CUDA device without bf16 support"))
+    with pytest.raises(ModelLoadError, match="bfloat16 is not supported by this CUDA device .* use float16 or float32"):
+        models.resolve_dtype("bfloat16", torch.device("cuda"))
+
+
+def test_an_unknown_dtype_is_one_line_before_anything_loads(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"^dtype must be one of auto, float32, .* got 'bf17'$"):
+        load_model(tmp_path / "not-even-there", dtype="bf17")
+
+
 def test_device_map_passes_through(folder, tokenizer, messages, tmp_path):
     # Offloading the final norm and a layer to disk makes transformers dispatch with accelerate hooks.
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"}
-    model, _ = load_model(folder, device_map=device_map, offload_folder=tmp_path)
+    model, _ = load_model(folder, dtype="float32", device_map=device_map, offload_folder=tmp_path)
     assert model.hf_device_map == device_map
     assert "_hf_hook" in vars(model.model.norm) and model.model.norm.weight.device.type == "meta"
-    plain, _ = load_model(folder)
+    plain, _ = load_model(folder, dtype="float32")
     for engine in ("forward", "reverse"):
         got = agdecode.generate(model, tokenizer, messages, k=3, min_prob=0.0, max_new_tokens=2, engine=engine)
         want = agdecode.generate(plain, tokenizer, messages, k=3, min_prob=0.0, max_new_tokens=2, engine=engine)
@@ -205,7 +252,7 @@ def test_truncated_gguf(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(dtype="foo"), "dtype must be one of float32, fp32"),
+    (dict(dtype="foo"), "dtype must be one of auto, float32, fp32"),
     (dict(dtype="nn"), "dtype must be one of"),           # getattr(torch, "nn") is a module
     (dict(dtype=torch.int8), "dtype must be one of"),
     (dict(dtype=None), "dtype must be one of"),

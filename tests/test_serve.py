@@ -344,7 +344,7 @@ def test_cli_serves_and_drains_on_sigterm(tokenizer, tmp_path):
     model = save_tiny(tokenizer, d)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(agdecode.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--dtype", "float32", "--port", str(port),
                              "--threads", "1", "--k", "3", "--min-prob", "0"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

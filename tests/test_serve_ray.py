@@ -29,7 +29,7 @@ def test_two_ray_replicas_serve_and_shut_down(tokenizer, tmp_path):
     model = save_tiny(tokenizer, d)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(agdecode.__file__).parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "agdecode", "serve", "--model", str(d), "--dtype", "float32", "--port", str(port),
                              "--replicas", "2", "--num-cpus-per-replica", "1", "--threads", "1", "--k", "3",
                              "--min-prob", "0", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

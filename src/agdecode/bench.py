@@ -32,13 +32,17 @@ import time
 from pathlib import Path
 
 import torch
+from .models import DTYPE_HELP
 
 __all__ = ["MODES", "run_bench", "register_bench"]
 
-# mode -> generate settings. "Forced" AGD (min_prob=0) attributes k=5 candidates at every step,
+# mode -> generate settings. "greedy" is transformers' ``model.generate``; "greedy-loop" is greedy through
+# agdecode's own loop (the Decoder, a KV cache that appends in place, each prompt prefilled at its own
+# length on a CPU), the fair baseline for AGD, which runs through the same loop. "Forced" AGD (min_prob=0) attributes k=5 candidates at every step,
 # the worst case for the reverse engine; the forward engine costs the same either way.
 MODES: dict[str, dict] = {
     "greedy": {},
+    "greedy-loop": dict(method="greedy"),
     "agd-reverse": dict(engine="reverse", k=5, min_prob=0.0),
     "agd-forward": dict(engine="forward", k=5, min_prob=0.0),
     "agd_e-forward": dict(engine="forward", k=5, min_prob=0.05, entropy_threshold=1.734),
@@ -60,7 +64,9 @@ def _load(args):
     from .models import load_model
     from .shapes import random_model
 
-    dtype = getattr(torch, args.dtype)
+    from .models import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device)
     if args.random_init:
         return random_model(args.random_init, device=args.device, dtype=dtype)
     return load_model(args.model, dtype=dtype, device=args.device)[0]
@@ -84,7 +90,7 @@ def _decode(model, mode: str, prompts: list[torch.Tensor], n_tokens: int, device
             model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_tokens,
                            min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
         return 0
-    cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[mode])
+    cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[mode])  # greedy-loop too
     jobs = []
     for p in prompts:
         roi = torch.zeros(len(p))
@@ -147,15 +153,33 @@ def _worker(args) -> dict:
     return out
 
 
+def _git() -> dict:
+    """The commit measured, and whether the tree had uncommitted changes (then the figure is of those)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def _machine(args) -> dict:
     import transformers
+
+    from .models import dtype_name, native_bf16, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
-                dtype=args.dtype, model=args.random_init and f"random-init:{args.random_init}" or args.model,
+                dtype=dtype_name(resolve_dtype(args.dtype, args.device)), dtype_asked=args.dtype,
+                bf16_units=native_bf16(args.device)[1], git=_git(),
+                model=args.random_init and f"random-init:{args.random_init}" or args.model,
                 command="agd bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
@@ -184,11 +208,13 @@ def summarize(runs: list[dict], key: tuple = ("batch",)) -> dict:
             continue
         t, p = ph["total"], ph.get("prefill")
         cell = out.setdefault(kk, {}).setdefault(mode, {"wall": [], "cpu": [], "prefill_wall": [], "decode_wall": [],
-                                                        "rounds": {}, "tokens": t["new_tokens"] * t["batch"],
+                                                        "rounds": {}, "guided": [],
+                                                        "tokens": t["new_tokens"] * t["batch"],
                                                         "decode_steps": max(t["new_tokens"] - 1, 1)})
         cell["wall"].append(t["wall_s"])
         cell["cpu"].append(t["cpu_s"])
         cell["rounds"][rnd] = t["wall_s"]
+        cell["guided"].append(t.get("guided_steps", 0) / cell["tokens"])
         if p is not None:
             cell["prefill_wall"].append(p["wall_s"])
     for (kk, mode, rnd), ph in by.items():  # decode = total - prefill (of this round, else the median one)
@@ -199,66 +225,90 @@ def summarize(runs: list[dict], key: tuple = ("batch",)) -> dict:
         c["decode_wall"].append(ph["total"]["wall_s"] - p)
     table: dict = {}
     for kk, modes in out.items():
-        g = modes.get("greedy")
         for mode, c in modes.items():
             row = {"wall_s": _stats(c["wall"]), "cpu_s": _stats(c["cpu"]), "tokens": c["tokens"],
-                   "tokens_per_s": c["tokens"] / statistics.median(c["wall"])}
+                   "tokens_per_s": c["tokens"] / statistics.median(c["wall"]),
+                   "guided_share": statistics.median(c["guided"])}
             if c["prefill_wall"]:
                 row["prefill_s"] = _stats(c["prefill_wall"])
                 row["decode_s_per_step"] = _stats([d / c["decode_steps"] for d in c["decode_wall"]])
-            if g is not None:
-                row["x_greedy_wall"] = statistics.median(c["wall"]) / statistics.median(g["wall"]) \
-                    * (g["tokens"] / c["tokens"])  # per token (the reverse engine decodes fewer)
-                row["x_greedy_cpu"] = statistics.median(c["cpu"]) / statistics.median(g["cpu"]) * (g["tokens"] / c["tokens"])
-                per_round = [c["rounds"][r] / g["rounds"][r] * (g["tokens"] / c["tokens"])
-                             for r in c["rounds"] if r in g["rounds"]]
-                row["x_greedy_wall_rounds"] = {"min": min(per_round), "max": max(per_round)}
-                if c["prefill_wall"] and g["prefill_wall"]:
-                    row["x_greedy_prefill"] = statistics.median(c["prefill_wall"]) / statistics.median(g["prefill_wall"])
-                    row["x_greedy_decode"] = statistics.median(c["decode_wall"]) / statistics.median(g["decode_wall"]) \
-                        * (g["decode_steps"] / c["decode_steps"])
+            # Ratios to transformers' generate ("x_greedy_*") and to greedy through agdecode's own loop ("x_loop_*").
+            for prefix, ref in (("x_greedy", modes.get("greedy")), ("x_loop", modes.get("greedy-loop"))):
+                if ref is not None:
+                    row.update(_ratios(c, ref, prefix))
             table.setdefault(kk, {})[mode] = row
     return table
 
 
+def _ratios(c: dict, g: dict, prefix: str) -> dict:
+    """Wall, CPU, prefill and decode ratios of cell ``c`` to reference cell ``g`` (per token: the reverse
+    engine decodes fewer), with the spread of the per-round wall ratios."""
+    per_token = g["tokens"] / c["tokens"]
+    row = {f"{prefix}_wall": statistics.median(c["wall"]) / statistics.median(g["wall"]) * per_token,
+           f"{prefix}_cpu": statistics.median(c["cpu"]) / statistics.median(g["cpu"]) * per_token}
+    per_round = [c["rounds"][r] / g["rounds"][r] * per_token for r in c["rounds"] if r in g["rounds"]]
+    row[f"{prefix}_wall_rounds"] = {"min": min(per_round), "max": max(per_round)}
+    if c["prefill_wall"] and g["prefill_wall"]:
+        row[f"{prefix}_prefill"] = statistics.median(c["prefill_wall"]) / statistics.median(g["prefill_wall"])
+        row[f"{prefix}_decode"] = statistics.median(c["decode_wall"]) / statistics.median(g["decode_wall"]) \
+            * (g["decode_steps"] / c["decode_steps"])
+    return row
+
+
+def _provenance(machine: dict) -> str:
+    git = machine.get("git") or {}
+    return (f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads, "
+            f"{machine['dtype']} ({machine.get('bf16_units', '?')}); commit {str(git.get('commit'))[:10]}"
+            f"{' (uncommitted changes)' if git.get('dirty') else ''}")
+
+
+def _ratio(r: dict, prefix: str) -> str:
+    """``x`` of ``r`` to a reference, with the spread of the per-round ratios ('' without that reference)."""
+    if f"{prefix}_wall" not in r:
+        return ""
+    xr = r[f"{prefix}_wall_rounds"]
+    return f"**{r[f'{prefix}_wall']:.2f}** [{xr['min']:.2f}-{xr['max']:.2f}]"
+
+
 def _latency_table(summary: dict, memory: dict, machine: dict, args) -> str:
+    nan = float("nan")
     lines = [f"# agd bench (latency): {machine['model']} on {machine.get('gpu') or machine['cpu']} "
              f"({machine['device']}, {machine['dtype']})", "",
              f"`{machine['command']}`", "",
-             f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads; one "
+             f"{_provenance(machine)}; one "
              f"sequence, {args.new_tokens} new tokens (reverse engine: {args.reverse_tokens}); {args.rounds} rounds "
-             "with the modes interleaved, after a warm-up; median [min-max] over rounds. `x greedy` = ratio of the "
-             "wall-clock medians per token, [min-max] of the per-round ratios. Prefill = the prompt alone (one token); "
+             "with the modes interleaved, after a warm-up; median [min-max] over rounds. `x loop` = ratio of the "
+             "wall-clock medians per token to `greedy-loop` (greedy through agdecode's own loop, the fair "
+             "baseline), `x generate` to `greedy` (transformers' `model.generate`); [min-max] of the per-round "
+             "ratios. Prefill = the prompt alone (one token); "
              "decode = the rest, per step. `agd-reverse` and `agd-forward` attribute k=5 candidates at every step "
-             "(min_prob=0); `agd_e-forward` is the paper's setting (min_prob 0.05, entropy gate 1.734). Peak memory: "
+             "(min_prob=0); `agd_e-forward` is the paper's setting (min_prob 0.05, entropy gate 1.734); `guided` = "
+             "share of the tokens chosen by attribution. Peak memory: "
              "whole process of a separate run (CPU: max RSS; CUDA: max allocated), in brackets above the loaded model.",
-             "", "| prompt | mode | wall s/token | CPU s/token | x greedy (wall) | x greedy (CPU) | prefill s | "
-             "x greedy prefill | decode s/step | x greedy decode | peak MiB (above model) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| prompt | mode | wall s/token | x loop (wall) | x generate (wall) | guided | prefill s | "
+             "x loop prefill | x generate prefill | decode s/step | x loop decode | peak MiB (above model) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for length in args.lengths:
         rows = summary.get((length,), {})
         for mode in args.modes:
             r = rows.get(mode)
             if r is None:
                 continue
-            n = r["tokens"]
-            w, c = r["wall_s"], r["cpu_s"]
+            n, w = r["tokens"], r["wall_s"]
             mem = memory.get((length, mode))
             memtxt = f"{mem['peak_mib']:.0f} ({mem['peak_mib'] - mem['base_mib']:.0f})" if mem else ""
-            xr = r.get("x_greedy_wall_rounds")
             lines.append(
                 f"| {length} | {mode} | {w['median'] / n:.4f} [{w['min'] / n:.4f}-{w['max'] / n:.4f}] | "
-                f"{c['median'] / n:.4f} | "
-                + (f"**{r['x_greedy_wall']:.2f}** [{xr['min']:.2f}-{xr['max']:.2f}] | {r['x_greedy_cpu']:.2f} | "
-                   if "x_greedy_wall" in r else "| | ")
-                + (f"{r['prefill_s']['median']:.3f} | {r.get('x_greedy_prefill', float('nan')):.2f} | "
-                   f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_greedy_decode', float('nan')):.2f} | "
-                   if "prefill_s" in r else "| | | | ")
+                f"{_ratio(r, 'x_loop')} | {_ratio(r, 'x_greedy')} | {r['guided_share']:.2f} | "
+                + (f"{r['prefill_s']['median']:.3f} | {r.get('x_loop_prefill', nan):.2f} | "
+                   f"{r.get('x_greedy_prefill', nan):.2f} | "
+                   f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_loop_decode', nan):.2f} | "
+                   if "prefill_s" in r else "| | | | | ")
                 + f"{memtxt} |")
         f, rv = rows.get("agd-forward"), rows.get("agd-reverse")
         if f and rv:
             sp = (rv["wall_s"]["median"] / rv["tokens"]) / (f["wall_s"]["median"] / f["tokens"])
-            lines.append(f"| {length} | forward speed-up over reverse (wall, per token) | | | {sp:.1f}x | | | | | | |")
+            lines.append(f"| {length} | forward speed-up over reverse (wall, per token) | {sp:.1f}x | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,27 +317,39 @@ def _throughput_table(summary: dict, machine: dict, args) -> str:
     lines = [f"# agd bench (throughput): {machine['model']} on {machine.get('gpu') or machine['cpu']} "
              f"({machine['device']}, {machine['dtype']})", "",
              f"`{machine['command']}`", "",
-             f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['threads']} threads; "
-             f"batches of B sequences with prompts of {lo}-{hi} tokens (seeded), {args.new_tokens} new tokens each; "
-             f"{args.rounds} rounds with the modes interleaved; medians. Greedy is transformers' batched "
-             "`model.generate` (left-padded); AGD modes as in the latency table. Generated tokens/s = B x new tokens "
-             "/ wall seconds; `gain` = tokens/s at B over tokens/s at batch 1 of the same mode.", "",
-             "| B | mode | tokens/s | x greedy tokens/s | gain over B=1 | gain / greedy's gain | prefill s | "
-             "x greedy prefill | decode s/step | x greedy decode |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{_provenance(machine)}; batches of B sequences with prompts of {lo}-{hi} tokens (seeded), {args.new_tokens} new tokens each; "
+             f"{args.rounds} rounds with the modes interleaved; medians, [min-max] of the per-round ratios. "
+             "`greedy` is transformers' batched `model.generate` (left-padded prefill, concatenating cache); "
+             "`greedy-loop` is greedy through agdecode's own loop, the one AGD runs in (the fair baseline: "
+             "`x loop`). Generated tokens/s = B x new tokens / wall seconds; `guided` = share of the generated "
+             "tokens chosen by attribution; `gain` = tokens/s at B over tokens/s at batch 1 of the same mode "
+             "(its ratio to greedy-loop's gain).", "",
+             "| B | mode | tokens/s | x loop tokens/s | x generate tokens/s | guided | gain over B=1 | gain / loop's "
+             "gain | prefill s | x loop prefill | decode s/step | x loop decode |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     one = summary.get((args.batch_sizes[0],), {}) if args.batch_sizes[0] == 1 else {}
+    nan = float("nan")
+
+    def speed(r: dict, prefix: str) -> str:
+        # tokens/s ratio = 1 / wall ratio (the same tokens); the spread likewise inverted
+        if f"{prefix}_wall" not in r:
+            return ""
+        xr = r[f"{prefix}_wall_rounds"]
+        return f"**{1 / r[f'{prefix}_wall']:.2f}** [{1 / xr['max']:.2f}-{1 / xr['min']:.2f}]"
+
     for b in args.batch_sizes:
         rows = summary.get((b,), {})
-        g = rows.get("greedy")
         for mode in args.modes:
             r = rows.get(mode)
             if r is None:
                 continue
-            x = r["tokens_per_s"] / g["tokens_per_s"] if g else float("nan")
-            gain = r["tokens_per_s"] / one[mode]["tokens_per_s"] if mode in one else float("nan")
-            ggain = g["tokens_per_s"] / one["greedy"]["tokens_per_s"] if g and "greedy" in one else float("nan")
-            lines.append(f"| {b} | {mode} | {r['tokens_per_s']:.1f} | {x:.2f} | {gain:.2f} | {gain / ggain:.2f} | "
-                         f"{r['prefill_s']['median']:.2f} | {r.get('x_greedy_prefill', float('nan')):.2f} | "
-                         f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_greedy_decode', float('nan')):.2f} |")
+            gain = r["tokens_per_s"] / one[mode]["tokens_per_s"] if mode in one else nan
+            lgain = (rows["greedy-loop"]["tokens_per_s"] / one["greedy-loop"]["tokens_per_s"]
+                     if "greedy-loop" in rows and "greedy-loop" in one else nan)
+            lines.append(f"| {b} | {mode} | {r['tokens_per_s']:.1f} | {speed(r, 'x_loop')} | {speed(r, 'x_greedy')} | "
+                         f"{r['guided_share']:.2f} | {gain:.2f} | {gain / lgain:.2f} | "
+                         f"{r['prefill_s']['median']:.2f} | {r.get('x_loop_prefill', nan):.2f} | "
+                         f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_loop_decode', nan):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -315,7 +377,7 @@ def run_bench(args) -> dict:
     print(json.dumps(machine))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (args.random_init or args.model).replace("/", "_") + f"-{args.device.split(':')[0]}-{args.dtype}"
+    stem = (args.random_init or args.model).replace("/", "_") + f"-{args.device.split(':')[0]}-{machine['dtype']}"
     if args.throughput:
         res = _subprocess(args, ["--throughput"])
         runs = res["runs"] if res else []
@@ -354,7 +416,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="model to load (default: smollm2)")
     p.add_argument("--random-init", choices=list(SHAPES), help="use a randomly initialised model of this shape")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="latency: prompt lengths")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--reverse-tokens", type=int, default=4,

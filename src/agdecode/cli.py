@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from .errors import AgdError
+from .models import DTYPE_HELP
 
 __all__ = ["main", "check_writable"]
 
@@ -27,7 +28,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "is the system message, so without one pass --roi (e.g. user, heads:parametric)")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (built-in SmolLM2-135M-Instruct), a local HF model folder, or a .gguf file")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32; bf16 moves ROI scores ~2-3%%)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--method", default=d.method, choices=list(METHODS),
                    help="decoding method (default agd); cad, dola, steer, sample are the baselines (README)")
@@ -368,7 +369,7 @@ def register_steer(sub) -> None:
                      help="instruction as a system message (default) or appended to the user message")
     fit.add_argument("--out", required=True, help="output file (.safetensors; a .json with metadata goes next to it)")
     fit.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
-    fit.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    fit.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     fit.add_argument("--device", default="cpu", help="torch device (default cpu)")
     fit.set_defaults(func=cmd_steer_fit)
 

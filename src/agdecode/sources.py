@@ -303,12 +303,24 @@ class CachedForward(Source):
         """The token ids of each cache row of these sequences (``width`` per sequence)."""
         return [r.input_ids for r in rows]
 
+    # Prefill in :func:`prefill_groups` (on a CPU each sequence alone, at its own length, as the forward
+    # engine does). Sources whose ``_logits`` keep state per call (CAD, DoLa, steering) run their new
+    # sequences in one call.
+    group_prefill = True
+
     @torch.no_grad()
     def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
-        ids, mask = left_pad([t.to(self.device) for t in self._rows(rows)])
-        self.ids += [r.input_ids.to(self.device) for r in rows]
-        out = self.kv.prefill(self._embed(ids), mask)
-        return self._logits(out, self.ids[len(self.ids) - len(rows):])
+        new = [r.input_ids.to(self.device) for r in rows]
+        self.ids += new
+        groups = prefill_groups(self.device, len(rows)) if self.group_prefill else [slice(0, len(rows))]
+        parts, logits = [], []
+        for group in groups:
+            ids, mask = left_pad([t.to(self.device) for t in self._rows(rows[group])])
+            out, part = self.kv.run(self._embed(ids), mask)
+            parts.append(part)
+            logits.append(self._logits(out, new[group]))
+        self.kv.merge(parts)
+        return torch.cat(logits)
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:

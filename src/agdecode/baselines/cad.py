@@ -79,6 +79,8 @@ class CADSource(CachedForward):
         ...     src.info(0)
     """
 
+    group_prefill = False  # _logits keeps per-call state
+
     width = 2
 
     def __init__(self, model: nn.Module, alpha: float = 0.5):

@@ -91,6 +91,8 @@ class DoLaSource(CachedForward):
         ...     scores = src.prefill([Row(ids)]); src.info(0)["premature_layer"]
     """
 
+    group_prefill = False  # _logits keeps per-call state
+
     def __init__(self, model: nn.Module, layers: "str | list[int]" = "high", relative_top: float = RELATIVE_TOP):
         super().__init__(model)
         self.kv.extra = {"output_hidden_states": True}

@@ -172,6 +172,8 @@ class SteeringSource(CachedForward):
         ...     logits = src.prefill([Row(ids)])
     """
 
+    group_prefill = False  # _logits keeps per-call state
+
     def __init__(self, model: nn.Module, vector: SteeringVector, layer: int | None = None, weight: float = 1.0):
         super().__init__(model)
         vector.check(model)

@@ -149,12 +149,13 @@ def _dual_attention(q0, qt, qk, k0, kt, v0, vt, mask, g: int, fv: float):
         s0.view(b, h, g, t, s).add_(mask[:, :, None])
     a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(q0.dtype)           # (b, h, G*T, S)
     ds = (qt @ k0[:, None].mT).add_(qk[:, None] @ kt.mT)                     # (b, R, h, G*T, S)
-    # Softmax Jacobian-vector product da = a * ds - a * sum(a * ds); its product with v0 is
-    # (a * ds) @ v0 - sum(a * ds) * (a @ v0): the correction lands on the small output, not on
-    # the score-sized da (one pass over it fewer).
+    # Softmax Jacobian-vector product da = a * ds - a * sum(a * ds), in place; the sum in fp32. (Applying
+    # the correction to the output, (a * ds) @ v0 - sum(a * ds) * (a @ v0), saves this pass but in bf16
+    # subtracts two rounded outputs that mostly cancel.)
     ads = ds.mul_(a[:, None])                                                 # (b, R, h, G*T, S)
+    da = ads.addcmul_(a[:, None], ads.sum(-1, keepdim=True, dtype=torch.float32).to(a.dtype), value=-1.0)
     o0 = a @ v0                                                               # (b, h, G*T, d)
-    ot = (ads @ v0[:, None]).addcmul_(ads.sum(-1, keepdim=True), o0[:, None], value=-1.0)
+    ot = da @ v0[:, None]
     return o0, ot + (a[:, None] @ vt) / fv
 
 
@@ -176,26 +177,29 @@ def _dual_decode_attention(q, key, value, mask, w: int, scaling: float, fq: floa
     blocks[:, 0, :, :g] = qv[:, 0] * scaling
     blocks[:, 0, :, g:] = qv[:, 1:].movedim(1, 2).flatten(2, 3) * (scaling / fq)  # (b, Hkv, R*G, d)
     blocks[:, 1:, :, :g] = (qv[:, 0] * (scaling / fk))[:, None]
-    sc = blocks @ key.view(b, w, hkv, s, d).mT                                   # (b, w, Hkv, w*G, S)
+    # keys @ queries^T, then transposed: the cached keys are the matmul's plain left operand. As the
+    # transposed right operand (queries @ keys^T), bf16 matmuls over the cache's strided rows take a
+    # slow path (measured, batch 16: 3.9 ms a layer against 2.0; fp32 is the same either way).
+    sc = (key.view(b, w, hkv, s, d) @ blocks.mT).mT.contiguous()               # (b, w, Hkv, w*G, S)
     s0 = sc[:, 0, :, :g]                                                         # (b, Hkv, G, S)
     if mask is not None:
         s0 += mask[::w]                                                          # (b, 1, 1, S)
-    a = torch.softmax(s0, dim=-1, dtype=torch.float32).to(q.dtype)
-    # The tangent scores, in place: ds_j = qt_j . k0 + qk . kt_j, then a * ds_j (the softmax's
-    # Jacobian-vector product less a * sum(a * ds_j), which is applied to the output, as in _dual_attention).
-    ads = sc[:, 0, :, g:].unflatten(2, (r, g))                                   # (b, Hkv, R, G, S)
-    ads += sc[:, 1:, :, :g].movedim(1, 2)
-    ads *= a[:, :, None]
-    c = ads.sum(-1, keepdim=True)                                                # (b, Hkv, R, G, 1)
-    # The same blocks now weigh the values: row 0 [a; a*ds_1..R] against v0, rows j a / fv against vt_j.
+    a = torch.softmax(s0, dim=-1, dtype=torch.float32)                           # (b, Hkv, G, S)
+    # The tangent scores ds_j = qt_j . k0 + qk . kt_j, and the softmax's Jacobian-vector product
+    # da_j = a * (ds_j - sum(a * ds_j)), in fp32: in bf16, subtracting the correction from the
+    # (rounded) output instead cancels most of its digits.
+    ds = sc[:, 0, :, g:].unflatten(2, (r, g))                                    # (b, Hkv, R, G, S)
+    ads = (ds + sc[:, 1:, :, :g].movedim(1, 2)).float().mul_(a[:, :, None])
+    ds.copy_(ads.sub_(ads.sum(-1, keepdim=True) * a[:, :, None]))
+    # The same blocks now weigh the values: row 0 [a; da_1..R] against v0, rows j a / fv against vt_j.
+    a = a.to(q.dtype)
     sc[:, 0, :, :g] = a
     sc[:, 1:, :, :g] = (a / fv)[:, None]
     sc[:, 1:, :, g:] = 0
     o = sc @ value.view(b, w, hkv, s, d)                                         # (b, w, Hkv, w*G, d)
     out = torch.empty_like(qv)                                                   # (b, w, Hkv, G, d)
-    o0 = out[:, 0] = o[:, 0, :, :g]
-    ot = o[:, 0, :, g:].unflatten(2, (r, g)).addcmul_(c, o0[:, :, None], value=-1.0)  # (b, Hkv, R, G, d)
-    out[:, 1:] = ot.movedim(2, 1) + o[:, 1:, :, :g]
+    out[:, 0] = o[:, 0, :, :g]
+    out[:, 1:] = o[:, 0, :, g:].unflatten(2, (r, g)).movedim(2, 1) + o[:, 1:, :, :g]
     return out.view(n, hkv, g, d)
 
 
@@ -270,6 +274,20 @@ def _primal_bias_conv1d(w: int):
     return forward
 
 
+def _primal_head(w: int, keep):
+    """The LM head on the primal rows only. The tangent rows' hidden states ``(B, R, T, D)`` go to
+    ``keep``: a score is the tangent of one logit, so :meth:`ForwardEngine.scores` computes it for the
+    candidates alone (k columns of the head instead of the whole vocabulary; SmolLM2: the head is a
+    fifth of a row's matmuls). The model's output logits then hold the primal rows ``(B, T, V)``."""
+
+    def forward(self, x):
+        p, t = _split(x, w)
+        keep(t, self)
+        return F.linear(p[:, 0], self.weight, self.bias)
+
+    return forward
+
+
 def _primal_positions(w: int):
     """Learned position embeddings, added inside the model: on the primal rows only."""
 
@@ -283,9 +301,13 @@ def _primal_positions(w: int):
     return forward
 
 
-def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2):
+def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2, keep_tangents=None):
     """Context in which ``model`` runs stacked duals: each sequence owns ``width`` consecutive batch
     rows, its primal first and then one tangent per ROI.
+
+    With ``keep_tangents`` (a callable), the LM head runs on the primal rows only and hands the
+    tangent rows' final hidden states ``(B, R, T, D)`` and itself to it (see :func:`_primal_head`);
+    the output logits are then the primal's ``(B, T, V)``.
 
     Example:
         >>> with dual_mode(model, width=2), torch.no_grad():
@@ -306,6 +328,9 @@ def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2):
     positions = spec.positions(model)
     if positions is not None:
         rules.insert(0, (lambda m: m is positions, "forward", _primal_positions(width)))
+    if keep_tangents is not None:
+        head = model.get_output_embeddings()
+        rules.insert(0, (lambda m: m is head, "forward", _primal_head(width, keep_tangents)))
     return patched(model, rules, name)
 
 
@@ -349,9 +374,15 @@ class ForwardEngine(Source):
         # Small chunks skip most of the causally masked score blocks (measured on CPU: 128 is
         # fastest); a GPU wants larger matmuls.
         self.kv = KVBatch(model, prefill_chunk or (512 if self.device.type == "cuda" else 128))
-        self.last_scores: torch.Tensor | None = None   # (B, R, V): ROI score of every token, current position
+        self.head = model.get_output_embeddings()
+        self.logits_scale = get_spec(model).logits_scale(model)  # Granite divides its logits
+        # An offloaded head (accelerate) has its weight only while it runs: there the tangent logits of
+        # the whole vocabulary are kept, as (B, R, V), instead of the hidden tangents (B, R, D).
+        self._full_vocab = getattr(self.head, "_hf_hook", None) is not None or self.head.weight.device.type == "meta"
+        self.tangents: torch.Tensor | None = None      # (B, R, D) final hidden tangents (or (B, R, V)), current position
         self.head_weights: torch.Tensor | None = None  # (B, R, L, H) of the live sequences
         self._running_heads: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None         # what the LM head handed over in the last pass
         self._open = False
 
     def __enter__(self) -> "ForwardEngine":
@@ -360,8 +391,12 @@ class ForwardEngine(Source):
 
     def __exit__(self, *exc) -> None:
         self.kv.clear()
-        self.head_weights = self._running_heads = None
+        self.tangents = self.head_weights = self._running_heads = self._kept = None
         self._open = False
+
+    def _keep(self, t: torch.Tensor, head: nn.Module) -> None:
+        t = t[:, :, -1]                                                  # (B, R, D): the last position's
+        self._kept = F.linear(t, head.weight) * self.logits_scale if self._full_vocab else t
 
     @contextlib.contextmanager
     def _dual(self):
@@ -370,7 +405,7 @@ class ForwardEngine(Source):
         if not self._open:
             raise RuntimeError("ForwardEngine must be used inside `with engine:`")
         with contextlib.ExitStack() as stack:
-            stack.enter_context(dual_mode(self.model, self.attribution, self.width))
+            stack.enter_context(dual_mode(self.model, self.attribution, self.width, self._keep))
             stack.enter_context(torch.no_grad())
             if self.heads:
                 adapter = get_adapter(self.model)
@@ -379,10 +414,13 @@ class ForwardEngine(Source):
                     stack.callback(hook.remove)
             yield
 
-    def _logits(self, out) -> torch.Tensor:
-        logits = out.logits[:, -1].unflatten(0, (-1, self.width))       # (B, 1 + R, V)
-        self.last_scores = logits[:, 1:]
-        return logits[:, 0]
+    @property
+    def last_scores(self) -> torch.Tensor | None:
+        """``(B, R, V)``: the ROI score of every vocabulary token at the current position (computed on
+        demand; decoding needs only the candidates', :meth:`scores`)."""
+        if self.tangents is None or self._full_vocab:
+            return self.tangents
+        return F.linear(self.tangents, self.head.weight.detach()) * self.logits_scale
 
     def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
         with self._dual():
@@ -390,23 +428,22 @@ class ForwardEngine(Source):
 
     def _prefill(self, rows: Sequence[Row]) -> torch.Tensor:
         joining = len(self.kv) > 0
-        parts, logits, scores, heads = [], [], [], []
+        parts, logits, tangents, heads = [], [], [], []
         for group in prefill_groups(self.device, len(rows)):
             ids, mask = left_pad([r.input_ids.to(self.device) for r in rows[group]])          # (n, T)
             weights, _ = left_pad([r.token_weights.float().to(self.device) for r in rows[group]])  # (n, R, T)
             x = self.model.get_input_embeddings()(ids)                                         # (n, T, D)
-            tangents = x[:, None] * weights[..., None].to(x.dtype)                              # (n, R, T, D)
+            seeds = x[:, None] * weights[..., None].to(x.dtype)                                 # (n, R, T, D)
             if self.heads:
                 heads.append(torch.stack([r.head_weights.to(self.device) for r in rows[group]]))  # (n, R, L, H)
                 self._running_heads = heads[-1]
-            out, part = self.kv.run(_join(x[:, None], tangents), mask.repeat_interleave(self.width, 0))
+            out, part = self.kv.run(_join(x[:, None], seeds), mask.repeat_interleave(self.width, 0))
             parts.append(part)
-            both = out.logits[:, -1].unflatten(0, (-1, self.width))                           # (n, 1 + R, V)
-            logits.append(both[:, 0])
-            scores.append(both[:, 1:])
+            logits.append(out.logits[:, -1])                                                   # (n, V)
+            tangents.append(self._kept)
         self.kv.merge(parts)
-        # Sequences joining a running batch come after it; the others keep their current scores.
-        self.last_scores = torch.cat(([self.last_scores] if joining else []) + scores)
+        # Sequences joining a running batch come after it; the others keep their current tangents.
+        self.tangents = torch.cat(([self.tangents] if joining else []) + tangents)
         if self.heads:
             self.head_weights = torch.cat(([self.head_weights] if joining else []) + heads)
             self._running_heads = self.head_weights
@@ -417,7 +454,9 @@ class ForwardEngine(Source):
             e = self.model.get_input_embeddings()(token_ids.to(self.device)[:, None])  # (B, 1, D)
             # Generated tokens are outside the ROI: they enter with zero tangent.
             stacked = _join(e[:, None], e.new_zeros(len(e), self.n_rois, *e.shape[1:]))
-            return self._logits(self.kv.step(stacked))
+            logits = self.kv.step(stacked).logits[:, -1]                               # (B, V)
+            self.tangents = self._kept
+            return logits
 
     def keep(self, index: torch.Tensor) -> None:
         index = index.to(self.device)
@@ -425,9 +464,13 @@ class ForwardEngine(Source):
         self.kv.keep((index[:, None] * w + torch.arange(w, device=self.device)).flatten())
         if self.head_weights is not None:
             self.head_weights = self._running_heads = self.head_weights[index]
-        if self.last_scores is not None:
-            self.last_scores = self.last_scores[index]
+        if self.tangents is not None:
+            self.tangents = self.tangents[index]
 
     def scores(self, candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        s = self.last_scores[index.to(self.device)]                                  # (n, R, V)
-        return s.gather(2, candidates.to(self.device)[:, None].expand(-1, s.shape[1], -1))
+        t, candidates = self.tangents[index.to(self.device)], candidates.to(self.device)   # (n, R, D)
+        if self._full_vocab:
+            return t.gather(2, candidates[:, None].expand(-1, t.shape[1], -1))
+        w = self.head.weight.detach()[candidates]                                             # (n, k, D)
+        # The tangent of logit c is <t, W_c> (a bias is a constant: no tangent), in fp32.
+        return (t.float() @ w.float().mT) * self.logits_scale                          # (n, R, k)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AgdError
+from ..models import DTYPE_HELP
 
 __all__ = ["register_eval", "register_calibrate"]
 
@@ -34,7 +35,7 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
                    help=f"decoding method(s), comma-separated or repeated: {', '.join(PRESETS)}; NAME@ROI sets "
                         "the ROI (e.g. agd@context) (default: greedy,agd)")
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-new-tokens", type=positive_int, default=d["max_new_tokens"],
                    help=f"maximum tokens per response (default {d['max_new_tokens']})")
@@ -267,7 +268,7 @@ def register_calibrate(sub) -> None:
     p.add_argument("--percentile", type=float, default=80.0, help="percentile of the step entropies (default 80)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens generated per item (default 128)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N items")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="write the calibration here instead of the user cache")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw the entropy histogram")

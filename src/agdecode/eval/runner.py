@@ -34,7 +34,7 @@ class EvalSpec:
     data: str                       # a built-in set name or a JSONL file
     method: str                     # a preset of eval.methods, optionally NAME@ROI
     model: str = "smollm2"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     max_new_tokens: int = 128
     seed: int = 0
@@ -206,10 +206,12 @@ def check_limit(limit, what: str = "--limit") -> None:
         raise AgdError(f"{what} must be a positive number of items (or left out for all), got {limit!r}.")
 
 
-def _settings(spec: EvalSpec, data, gen: dict, identity: dict) -> dict:
+def _settings(spec: EvalSpec, data, gen: dict, identity: dict, dtype: str) -> dict:
+    # The dtype as resolved ("auto" -> bfloat16 or float32): a run resumed on another machine or
+    # with another default must not mix precisions.
     return {"task": spec.task, "data": {"name": data.name, "sha256": data.sha256}, "method": spec.method,
             "generate": {k: v for k, v in gen.items() if k != "entropy_threshold_source"},
-            "model": identity, "dtype": spec.dtype, "seed": spec.seed}
+            "model": identity, "dtype": dtype, "seed": spec.seed}
 
 
 def _local_records(model, tok, spec: EvalSpec, todo: list[dict], gen: dict) -> Iterator[dict]:
@@ -253,7 +255,10 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
 
     info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray}
-    done = store.open(_settings(spec, data, gen, identity), info)
+    from ..models import dtype_name, resolve_dtype
+
+    dtype = dtype_name(model.dtype if model is not None else resolve_dtype(spec.dtype, spec.device))
+    done = store.open(_settings(spec, data, gen, identity, dtype), info)
     todo = [it for it in data.items if it["id"] not in done]
     records: Iterable[dict] = (pool.records(todo, gen) if ray is not None
                                else _local_records(model, tokenizer, spec, todo, gen))

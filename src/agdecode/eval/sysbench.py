@@ -54,6 +54,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import AgdError
+from ..models import DTYPE_HELP
 
 __all__ = ["Turn", "Dialogue", "read_sysbench", "JudgeConfig", "Judge", "JudgeError", "parse_verdicts",
            "sysbench_metrics", "decode", "SysBenchSpec", "run_sysbench", "add_arguments", "cmd_sysbench"]
@@ -372,7 +373,7 @@ class SysBenchSpec:
     judge: JudgeConfig
     gt_history: bool = False
     model: str = "smollm2"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     max_new_tokens: int = 512
     limit: int | None = None      # first N dialogues
@@ -523,7 +524,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", action="append", default=None, metavar="NAME[,NAME...]",
                    help=f"decoding method(s): {', '.join(PRESETS)}; NAME@ROI sets the ROI (default: greedy,agd)")
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="maximum tokens per reply (default 512)")
     p.add_argument("--limit", type=int, default=None, help="only the first N dialogues")

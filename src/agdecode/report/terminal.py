@@ -59,8 +59,10 @@ def overrides_table(result: GenerationResult) -> Table | None:
 def _summary(result: GenerationResult) -> str:
     n = len(result.steps)
     gated = sum(s.gated for s in result.steps)
+    dtype = result.extra.get("dtype") if isinstance(result.extra, dict) else None
     return (f"{n} tokens, {result.guided_steps} attributed, " + (f"{gated} gated, " if gated else "")
-            + f"{len(result.overrides)} overridden, {result.seconds:.1f} s ({n / max(result.seconds, 1e-9):.1f} tok/s)")
+            + f"{len(result.overrides)} overridden, {result.seconds:.1f} s ({n / max(result.seconds, 1e-9):.1f} tok/s)"
+            + (f", {dtype}" if dtype else ""))
 
 
 def print_comparison(messages, greedy: GenerationResult, agd: GenerationResult, console: Console | None = None) -> None:

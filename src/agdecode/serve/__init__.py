@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..models import DTYPE_HELP
+
 __all__ = ["register_serve", "cmd_serve", "served_name", "create_app", "AgdServer"]
 
 
@@ -89,7 +91,7 @@ def register_serve(sub) -> None:
         description="Serve /v1/chat/completions (OpenAI schema; AGD settings in the extension object 'agd') "
                     "with continuous batching: requests join the running batch at the next token.")
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

@@ -183,7 +183,8 @@ def create_app(server: AgdServer, replica: str | None = None):
     @asynccontextmanager
     async def lifespan(app):
         server.scheduler.start()
-        log.info("serving %s (max batch %d)", server.name, server.scheduler.max_batch)
+        log.info("serving %s in %s (max batch %d)", server.name, str(server.model.dtype).removeprefix("torch."),
+                 server.scheduler.max_batch)
         yield
         log.info("shutting down: draining %d request(s)", server.scheduler.pending())
         await asyncio.to_thread(server.scheduler.close)
