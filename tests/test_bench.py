@@ -75,3 +75,11 @@ def test_bench_refuses_an_unknown_dtype_before_measuring(tmp_path, capsys):
     assert main(["bench", "--random-init", "tiny-llama", "--dtype", "bf17", "--out", str(tmp_path)]) != 0
     err = capsys.readouterr().err
     assert "dtype must be one of" in err and "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_rules_prompts_need_a_real_model_and_the_throughput_mode(tmp_path, capsys):
+    assert main(["bench", "--random-init", "tiny-llama", "--throughput", "--prompts", "rules",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompts rules needs --throughput and a real model" in err
+    assert not list(tmp_path.iterdir())

@@ -61,15 +61,14 @@ def _peak_mib(device: str) -> float:
 
 
 def _load(args):
-    from .models import load_model
+    """The model and its tokenizer (None for a random-init model)."""
+    from .models import load_model, resolve_dtype
     from .shapes import random_model
-
-    from .models import resolve_dtype
 
     dtype = resolve_dtype(args.dtype, args.device)
     if args.random_init:
-        return random_model(args.random_init, device=args.device, dtype=dtype)
-    return load_model(args.model, dtype=dtype, device=args.device)[0]
+        return random_model(args.random_init, device=args.device, dtype=dtype), None
+    return load_model(args.model, dtype=dtype, device=args.device)
 
 
 def _prompts(model, lengths: list[int], seed: int) -> list[torch.Tensor]:
@@ -78,23 +77,38 @@ def _prompts(model, lengths: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(min(1000, vocab // 4), vocab - 1, (n,), generator=gen) for n in lengths]
 
 
-def _decode(model, mode: str, prompts: list[torch.Tensor], n_tokens: int, device: str) -> int:
-    """Generate ``n_tokens`` for every prompt at once with ``mode``; return the number of guided steps."""
+def _rules_prompts(tok, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` rules dev conversations, rendered, with their system message as the ROI: real
+    prompts, on which AGD_e's entropy gate opens as it does in use (random ids rarely open it)."""
+    from .eval.datasets import load_items
+    from .roi import render_prompt, resolve_region
+
+    items = load_items("rules", "rules").items
+    out = []
+    for it in (items * (n // len(items) + 1))[:n]:
+        prompt = render_prompt(tok, it["messages"])
+        out.append((prompt.input_ids[0], resolve_region("system", prompt).tokens.float()))
+    return out
+
+
+def _decode(model, mode: str, prompts: list, n_tokens: int, device: str) -> int:
+    """Generate ``n_tokens`` for every prompt at once with ``mode``; return the number of guided steps.
+    A prompt is token ids ``(T,)`` (ROI: its first quarter) or ``(ids, roi weights)``."""
     from .decoding import AGDConfig, Decoder, Job, _engine_row, run
     from .roi import Region
     from .sources import left_pad
 
+    prompts = [p if isinstance(p, tuple) else (p, (torch.arange(len(p)) < max(1, len(p) // 4)).float())
+               for p in prompts]
     if mode == "greedy":  # transformers' own batched generate, left-padded
-        ids, mask = left_pad(prompts)
+        ids, mask = left_pad([p for p, _ in prompts])
         with torch.no_grad():
             model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_tokens,
                            min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
         return 0
     cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[mode])  # greedy-loop too
     jobs = []
-    for p in prompts:
-        roi = torch.zeros(len(p))
-        roi[: max(1, len(p) // 4)] = 1.0
+    for p, roi in prompts:
         region = Region("roi", roi)
         jobs.append(Job(_engine_row(p, [region]), [region], max_new_tokens=n_tokens))
     run(Decoder(model, None, cfg), jobs, len(jobs))
@@ -115,11 +129,13 @@ def _worker(args) -> dict:
     """Interleaved timing rounds (or one memory run) in this process; returns every run."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load(args)
+    model, tok = _load(args)
     with torch.no_grad():  # page every weight in (safetensors are memory-mapped) before taking the base
         model(torch.zeros(1, 1, dtype=torch.long, device=args.device))
     base = torch.cuda.memory_allocated() / 2**20 if args.device.startswith("cuda") else _rss_mib()
-    if args.throughput:
+    if args.throughput and args.prompts == "rules":
+        cases = [(b, _rules_prompts(tok, b)) for b in args.batch_sizes]
+    elif args.throughput:
         lo, hi = args.prompt_range
         cases = [(b, _prompts(model, [int(n) for n in torch.randint(lo, hi + 1, (b,),
                                                                      generator=torch.Generator().manual_seed(b))], b))
@@ -146,7 +162,8 @@ def _worker(args) -> dict:
                         continue
                     wall, cpu, guided = _timed(lambda: _decode(model, mode, prompts, n, args.device), args.device)
                     runs.append(dict(round=r, mode=mode, batch=b, phase=phase, new_tokens=n, wall_s=wall, cpu_s=cpu,
-                                     guided_steps=guided, prompt_tokens=[len(p) for p in prompts]))
+                                     guided_steps=guided,
+                                     prompt_tokens=[len(p[0] if isinstance(p, tuple) else p) for p in prompts]))
     out = dict(length=args.length, runs=runs, base_mib=base)
     if args.memory_mode:
         out.update(mode=args.mode, peak_mib=_peak_mib(args.device))
@@ -317,7 +334,10 @@ def _throughput_table(summary: dict, machine: dict, args) -> str:
     lines = [f"# agd bench (throughput): {machine['model']} on {machine.get('gpu') or machine['cpu']} "
              f"({machine['device']}, {machine['dtype']})", "",
              f"`{machine['command']}`", "",
-             f"{_provenance(machine)}; batches of B sequences with prompts of {lo}-{hi} tokens (seeded), {args.new_tokens} new tokens each; "
+             f"{_provenance(machine)}; batches of B sequences with "
+             + ("the first B rules dev conversations as prompts (ROI: their system message)" if args.prompts == "rules"
+                else f"prompts of {lo}-{hi} tokens (seeded random ids; ROI: their first quarter)")
+             + f", {args.new_tokens} new tokens each; "
              f"{args.rounds} rounds with the modes interleaved; medians, [min-max] of the per-round ratios. "
              "`greedy` is transformers' batched `model.generate` (left-padded prefill, concatenating cache); "
              "`greedy-loop` is greedy through agdecode's own loop, the one AGD runs in (the fair baseline: "
@@ -359,7 +379,8 @@ def _subprocess(args, extra: list[str]) -> dict | None:
     cmd = [sys.executable, "-m", "agdecode.bench", "--worker", "--model", args.model, "--device", args.device,
            "--dtype", args.dtype, "--new-tokens", str(args.new_tokens), "--reverse-tokens", str(args.reverse_tokens),
            "--rounds", str(args.rounds), "--modes", *args.modes, "--batch-sizes", *map(str, args.batch_sizes),
-           "--prompt-range", *map(str, args.prompt_range), "--prefill-rounds", str(args.prefill_rounds)] + extra \
+           "--prompt-range", *map(str, args.prompt_range), "--prefill-rounds", str(args.prefill_rounds),
+           "--prompts", args.prompts] + extra \
         + (["--random-init", args.random_init] if args.random_init else []) \
         + (["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -373,11 +394,17 @@ def run_bench(args) -> dict:
     """Run the measurements in subprocesses; write JSON (every run) + markdown under ``args.out``."""
     from tqdm import tqdm
 
+    if args.prompts == "rules" and (args.random_init or not args.throughput):
+        from .errors import AgdError
+
+        raise AgdError("--prompts rules needs --throughput and a real model (not --random-init): it renders "
+                       "the rules conversations with the model's chat template")
     machine = _machine(args)
     print(json.dumps(machine))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (args.random_init or args.model).replace("/", "_") + f"-{args.device.split(':')[0]}-{machine['dtype']}"
+    stem = (args.random_init or args.model).replace("/", "_") + f"-{args.device.split(':')[0]}-{machine['dtype']}" \
+        + ("-rules" if args.prompts == "rules" else "")
     if args.throughput:
         res = _subprocess(args, ["--throughput"])
         runs = res["runs"] if res else []
@@ -429,6 +456,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="latency: skip the peak-memory runs")
     p.add_argument("--throughput", action="store_true", help="measure batched throughput instead of latency")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="throughput: batch sizes")
+    p.add_argument("--prompts", choices=["random", "rules"], default="random",
+                   help="throughput: seeded random ids of --prompt-range tokens, ROI their first quarter (default), "
+                        "or the rules dev conversations, ROI their system message (the entropy gate opens as in use)")
     p.add_argument("--prompt-range", type=int, nargs=2, default=[256, 512], metavar=("MIN", "MAX"),
                    help="throughput: prompt lengths drawn from this range (default 256 512)")
     p.add_argument("--out", default="docs/bench", help="folder for the JSON and markdown results")
