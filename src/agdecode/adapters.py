@@ -24,7 +24,7 @@ from .errors import AgdError
 from .rules import (GATE_SHARE, KEY_SHARE, QUERY_SHARE, VALUE_SHARE, identity_rule, stop_gradient,
                     uniform_rule)
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "patched",
+__all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "patched", "overridden",
            "UnsupportedArchitectureError", "QuantizedWeightsError"]
 
 # The names engines, baselines and tests have always used: an adapter is an architecture spec.
@@ -209,6 +209,22 @@ def _restore(mod: nn.Module, attr: str, saved: object) -> None:
         vars(mod).pop(attr, None)
     else:
         vars(mod)[attr] = saved
+
+
+@contextlib.contextmanager
+def overridden(mod: nn.Module, fn: Callable, attr: str = "forward") -> Iterator[nn.Module]:
+    """``fn`` bound as ``mod.<attr>`` for the ``with`` block (inside accelerate's hook, as in
+    :func:`patched`); what was there before is put back on exit.
+
+    Example:
+        >>> with overridden(model.lm_head, lambda self, x: F.linear(x, self.weight[:10])):
+        ...     logits = model(ids).logits          # the first 10 columns only
+    """
+    saved = _override(mod, attr, fn)
+    try:
+        yield mod
+    finally:
+        _restore(*saved)
 
 
 def _packed(mod: nn.Module) -> str | None:

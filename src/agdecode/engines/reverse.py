@@ -13,9 +13,10 @@ import contextlib
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import get_adapter, overridden
 from ..models import input_device
 from ..sources import CachedForward, Row
 from . import frozen, rules_for
@@ -48,6 +49,19 @@ def _head_relevance(model: nn.Module, acts, grads, positive: bool) -> torch.Tens
     return torch.stack(per_layer, dim=-2)
 
 
+def _columns(candidates: torch.Tensor):
+    """An LM head forward computing only the ``candidates``' columns ``(..., k)``: the model's scaling
+    and soft-capping then apply to those alone, and the backward never forms a vocabulary-sized
+    gradient (in bf16 a batched backward through the full head copied its weight per candidate: 1 GiB
+    each at Llama-3's vocabulary)."""
+
+    def forward(self, x):
+        c = candidates.to(self.weight.device)
+        return F.linear(x, self.weight[c], None if self.bias is None else self.bias[c])
+
+    return forward
+
+
 def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tensor, attribution: str = "lrp",
               heads: bool = False, positive: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Relevance of each candidate's logit at the last position: per token ``(n, T)`` and, with
@@ -58,9 +72,10 @@ def attribute(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tenso
         >>> tok_rel, head_rel = attribute(model, ids, torch.tensor([42, 7]), heads=True)
     """
     n = len(candidates)
-    with _with_gradients(model, attribution, heads) as acts:
+    head = model.get_output_embeddings()
+    with _with_gradients(model, attribution, heads) as acts, overridden(head, _columns(candidates)):
         x = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-        z = model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1][candidates.to(x.device)]
+        z = model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1]         # (k,)
         if n == 1:
             grads = [g[None] for g in torch.autograd.grad(z, [x, *acts])]
         else:  # one backward for all candidates: the identity's rows as a batch of output gradients
