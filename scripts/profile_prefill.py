@@ -1,9 +1,10 @@
 """Where a prefill's time goes: torch.profiler's operators by self time, plain model vs forward engine.
 
-    .venv/bin/python scripts/profile_prefill.py 4096 > docs/bench/quiet/profile-prefill-4096.txt
+    .venv/bin/python scripts/profile_prefill.py 4096 --dtype float32 > docs/bench/quiet/profile-prefill-4096.txt
 
-One random-token prompt of the given length (the bench's prompts), SmolLM2 in fp32, one thread;
-the forward engine with one ROI (the prompt's first quarter), as `agd bench` runs it.
+One random-token prompt of the given length (the bench's prompts), SmolLM2 (``--dtype``, default
+auto: bf16 where the CPU has bf16 units), one thread; the forward engine with one ROI (the prompt's
+first quarter), as `agd bench` runs it. One warm-up run of each first.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("length", type=int)
     p.add_argument("--rows", type=int, default=10, help="operators to list")
+    p.add_argument("--dtype", default="auto", help="model dtype (default auto)")
     args = p.parse_args()
     if args.length < 1 or args.rows < 1:
         p.error("length and --rows must be at least 1")
     torch.set_num_threads(1)
-    model = load_model("smollm2")[0]
+    model = load_model("smollm2", dtype=args.dtype)[0]
     ids = _prompts(model, [args.length], 0)[0]
     roi = torch.zeros(1, args.length)
     roi[0, : args.length // 4] = 1
@@ -39,6 +41,8 @@ def main() -> None:
         with ForwardEngine(model) as eng:
             eng.prefill([Row(ids, token_weights=roi)])
 
+    print(f"# SmolLM2-135M-Instruct, {str(model.dtype).removeprefix('torch.')}, 1 thread, {args.length} tokens\n")
+    greedy(), agd()  # warm-up
     for name, fn in (("greedy (plain forward)", greedy), ("AGD (forward engine, one ROI)", agd)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
