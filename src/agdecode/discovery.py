@@ -127,6 +127,7 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
     return {
         "model": model_key(model),
         "identity": model_identity(model),  # a head set is only used for the model it was found on
+        "dtype": str(model.dtype).removeprefix("torch."),
         "kind": kind,
         "procedure": "D = mean_OB-counterfactual R+_h(cf answer) - mean_CB R+_h(gold answer); R+ = positive AttnLRP "
                      "relevance at the o_proj input, summed over head dim and positions; first answer token",
@@ -173,7 +174,7 @@ def cmd_discover(args) -> int:
     check_writable(args.out, "--out")
     if args.plot:
         check_writable(args.plot, "--plot")
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     result = discover_heads(model, tok, n_items=args.n_items, top=args.top, seed=args.seed, kind=args.kind,
                             batch_size=args.batch_size)
     out = Path(args.out)
@@ -188,6 +189,7 @@ def cmd_discover(args) -> int:
 
 def register_heads(sub) -> None:
     from .eval.cli import positive_int
+    from .models import DTYPE_HELP
     p = sub.add_parser("heads", help="attention-head ROIs: discover parametric / in-context heads")
     hs = p.add_subparsers(dest="heads_command", required=True)
     d = hs.add_parser("discover", help="score every head (Atlas procedure) and write the top ones as JSON + PNG",
@@ -195,6 +197,7 @@ def register_heads(sub) -> None:
     d.add_argument("--kind", choices=KINDS, default="parametric", help="which list 'heads:FILE' uses by default")
     d.add_argument("--model", default="smollm2", help="model to analyse (default smollm2)")
     d.add_argument("--device", default="cpu")
+    d.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     d.add_argument("--n-items", type=positive_int, default=200, help="NQ items (each: one open-book and one closed-book pass)")
     d.add_argument("--top", type=positive_int, default=10, help="heads per kind to keep (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed of the counterfactual answer assignment")
