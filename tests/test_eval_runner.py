@@ -55,6 +55,8 @@ def test_run_records_every_item_with_scores_quality_trace_and_timing(tiny_llama,
     assert run["settings"]["generate"] == {"method": "agd", "max_new_tokens": 3, "attribution": "lrp", "roi": "user"}
     assert run["settings"]["model"]["model_type"] == "llama" and run["info"]["data"]["n_items"] == 5
     assert run["settings"]["dtype"] == "float32"  # as the model runs, not the spec's "auto"
+    prov = run["info"]["provenance"]  # the code and packages behind the figures
+    assert len(prov["git"]["commit"]) == 40 and isinstance(prov["git"]["dirty"], bool) and prov["torch"]
 
 
 def test_a_run_is_not_resumed_in_another_dtype(tiny_llama, qa_file, tmp_path):

@@ -170,24 +170,11 @@ def _worker(args) -> dict:
     return out
 
 
-def _git() -> dict:
-    """The commit measured, and whether the tree had uncommitted changes (then the figure is of those)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    if commit.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
 def _machine(args) -> dict:
     import transformers
 
     from .models import dtype_name, native_bf16, resolve_dtype
+    from .provenance import git_state
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +182,7 @@ def _machine(args) -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
                 dtype=dtype_name(resolve_dtype(args.dtype, args.device)), dtype_asked=args.dtype,
-                bf16_units=native_bf16(args.device)[1], git=_git(),
+                bf16_units=native_bf16(args.device)[1], git=git_state(),
                 model=args.random_init and f"random-init:{args.random_init}" or args.model,
                 command="agd bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
     if args.device.startswith("cuda"):

@@ -253,8 +253,10 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
         identity, gen = resolve_for_model(model, gen, spec.calibration)
     from .. import __version__
 
+    from ..provenance import provenance
+
     info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray}
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray, "provenance": provenance()}
     from ..models import dtype_name, resolve_dtype
 
     dtype = dtype_name(model.dtype if model is not None else resolve_dtype(spec.dtype, spec.device))
