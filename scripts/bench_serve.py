@@ -86,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="model dtype (default auto: bf16 where the device has bf16 units)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -106,6 +106,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    from agdecode.provenance import provenance
+
     model, tok = agdecode.load_model(args.model, dtype=args.dtype, device=args.device)
     name = served_name(args.model)
     server = AgdServer(model, tok, name, {}, max_batch=args.max_batch, max_tokens=args.max_tokens)
@@ -145,9 +147,11 @@ def main() -> None:
     for r in done:
         texts.setdefault((r["method"], r["request"]), set()).add(r["text"])
     same = all(len(t) == 1 for t in texts.values())
-    setup = {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+    setup = {"model": args.model, "device": args.device, "dtype": str(model.dtype).removeprefix("torch."),
+             "threads": args.threads,
              "requests": args.requests, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+             "provenance": provenance()}
     out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows, "same_text_at_every_concurrency": same},
                                                    indent=1))
     out.with_suffix(".md").write_text(
