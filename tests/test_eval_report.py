@@ -9,11 +9,11 @@ from agdecode.eval.records import RunStore
 from agdecode.eval.report import bootstrap_ci, build_report, paired_vs, sign_test
 
 
-def _store(root, method, correct, task="rules"):
+def _store(root, method, correct, task="rules", dtype="float32"):
     store = RunStore(root / method)
     model = {"model_type": "llama", "name_or_path": "/m/tiny", "fingerprint": "ab" * 32}
     settings = {"task": task, "data": {"name": "toy", "sha256": "x"}, "method": method,
-                "generate": {"method": method.split("-")[0]}, "model": model, "dtype": "float32", "seed": 0}
+                "generate": {"method": method.split("-")[0]}, "model": model, "dtype": dtype, "seed": 0}
     store.open(settings)
     for i, ok in enumerate(correct):
         scores = ({"prompt_strict": ok, "prompt_loose": ok, "inst_strict": [ok, True], "inst_loose": [ok, True]}
@@ -58,3 +58,14 @@ def test_report_cli(tmp_path, capsys):
     assert main(["eval", "report", str(tmp_path), "--no-plots"]) == 0
     assert "| greedy | 2 |" in capsys.readouterr().out
     assert main(["eval", "report", str(tmp_path / "missing")]) == 2
+
+
+def test_runs_in_another_dtype_get_their_own_table(tmp_path):
+    # bf16 and fp32 runs of the same method are never compared in one table (nor paired across dtypes).
+    _store(tmp_path / "fp32", "greedy", [True, False] * 10)
+    _store(tmp_path / "fp32", "agd", [True] * 20)
+    _store(tmp_path / "bf16", "greedy", [False] * 20, dtype="bfloat16")
+    _store(tmp_path / "bf16", "agd", [True] * 20, dtype="bfloat16")
+    text = build_report([tmp_path], tmp_path / "rep", plots=False)
+    assert text.count("| greedy | 20 |") == 2 and text.count("| agd | 20 |") == 2
+    assert "bfloat16" in text and "+0.500 [" in text and "+1.000 [" in text

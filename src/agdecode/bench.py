@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from .models import DTYPE_HELP
 
 __all__ = ["MODES", "run_bench", "register_bench"]
@@ -274,6 +275,15 @@ def _ratio(r: dict, prefix: str) -> str:
     return f"**{r[f'{prefix}_wall']:.2f}** [{xr['min']:.2f}-{xr['max']:.2f}]"
 
 
+def _decode_cells(r: dict) -> str:
+    """Decode s/step and its ratio; '-' where total minus prefill is not positive (a few decode steps
+    against a long prefill: the difference is noise)."""
+    d = r["decode_s_per_step"]["median"]
+    if d <= 0:
+        return "- | -"
+    return f"{d:.4f} | {r.get('x_loop_decode', float('nan')):.2f}"
+
+
 def _latency_table(summary: dict, memory: dict, machine: dict, args) -> str:
     nan = float("nan")
     lines = [f"# agd bench (latency): {machine['model']} on {machine.get('gpu') or machine['cpu']} "
@@ -306,7 +316,7 @@ def _latency_table(summary: dict, memory: dict, machine: dict, args) -> str:
                 f"{_ratio(r, 'x_loop')} | {_ratio(r, 'x_greedy')} | {r['guided_share']:.2f} | "
                 + (f"{r['prefill_s']['median']:.3f} | {r.get('x_loop_prefill', nan):.2f} | "
                    f"{r.get('x_greedy_prefill', nan):.2f} | "
-                   f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_loop_decode', nan):.2f} | "
+                   f"{_decode_cells(r)} | "
                    if "prefill_s" in r else "| | | | | ")
                 + f"{memtxt} |")
         f, rv = rows.get("agd-forward"), rows.get("agd-reverse")
@@ -356,7 +366,7 @@ def _throughput_table(summary: dict, machine: dict, args) -> str:
             lines.append(f"| {b} | {mode} | {r['tokens_per_s']:.1f} | {speed(r, 'x_loop')} | {speed(r, 'x_greedy')} | "
                          f"{r['guided_share']:.2f} | {gain:.2f} | {gain / lgain:.2f} | "
                          f"{r['prefill_s']['median']:.2f} | {r.get('x_loop_prefill', nan):.2f} | "
-                         f"{r['decode_s_per_step']['median']:.4f} | {r.get('x_loop_decode', nan):.2f} |")
+                         f"{_decode_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,8 +8,11 @@ every token c at once, at a cost independent of k.
 Instead of ``torch.autograd.forward_ad`` (exact too, see :mod:`.forward_ad`, but it runs primal and
 tangent as separate ops and copies weights), the tangents ride in the batch: row 0 is the primal
 sequence, rows 1..R the tangents of R ROIs. Every linear map (projections, residuals, rotary
-embeddings, the LM head) then serves all rows with one read of the weights, and only the
-non-linear operations are rewritten below with their forward-mode rule:
+embeddings) then serves all rows with one read of the weights, and only the non-linear operations
+are rewritten below with their forward-mode rule. The tangent rows stop before the LM head: the
+score of candidate c is the final tangent hidden state times c's column of the head, computed for
+the k candidates only (:meth:`ForwardEngine.scores`); every token's is one product away
+(``last_scores``). The rules:
 
 - RMSNorm: tangent scaled by the primal's 1/rms (AttnLRP stops the gradient through the variance);
 - LayerNorm: tangent centred, scaled by the primal's 1/std (the standard deviation is a constant);
@@ -179,7 +182,7 @@ def _dual_decode_attention(q, key, value, mask, w: int, scaling: float, fq: floa
     blocks[:, 1:, :, :g] = (qv[:, 0] * (scaling / fk))[:, None]
     # keys @ queries^T, then transposed: the cached keys are the matmul's plain left operand. As the
     # transposed right operand (queries @ keys^T), bf16 matmuls over the cache's strided rows take a
-    # slow path (measured, batch 16: 3.9 ms a layer against 2.0; fp32 is the same either way).
+    # slow path (a one-off micro-benchmark, batch 16: 3.9 ms a layer against 2.0; fp32 the same either way).
     sc = (key.view(b, w, hkv, s, d) @ blocks.mT).mT.contiguous()               # (b, w, Hkv, w*G, S)
     s0 = sc[:, 0, :, :g]                                                         # (b, Hkv, G, S)
     if mask is not None:
@@ -396,7 +399,8 @@ class ForwardEngine(Source):
 
     def _keep(self, t: torch.Tensor, head: nn.Module) -> None:
         t = t[:, :, -1]                                                  # (B, R, D): the last position's
-        self._kept = F.linear(t, head.weight) * self.logits_scale if self._full_vocab else t
+        # On the engine's device: with a device_map the head may sit on another GPU.
+        self._kept = (F.linear(t, head.weight) * self.logits_scale if self._full_vocab else t).to(self.device)
 
     @contextlib.contextmanager
     def _dual(self):
@@ -471,6 +475,6 @@ class ForwardEngine(Source):
         t, candidates = self.tangents[index.to(self.device)], candidates.to(self.device)   # (n, R, D)
         if self._full_vocab:
             return t.gather(2, candidates[:, None].expand(-1, t.shape[1], -1))
-        w = self.head.weight.detach()[candidates]                                             # (n, k, D)
+        w = self.head.weight.detach()[candidates.to(self.head.weight.device)].to(self.device)  # (n, k, D)
         # The tangent of logit c is <t, W_c> (a bias is a constant: no tangent), in fp32.
         return (t.float() @ w.float().mT) * self.logits_scale                          # (n, R, k)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+from ..errors import AgdError
+
 __all__ = ["RayPool", "token_auth_enabled"]
 
 # Ray 2.60 binds its gRPC servers (GCS, raylet, workers) on every interface whatever ray.init is told
@@ -35,8 +37,6 @@ def token_auth_enabled() -> bool:
 def _refuse_unauthenticated(ray, started: bool = False) -> None:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     if started or mode.strip().lower() == "disabled":
-        from ..errors import AgdError
-
         raise AgdError(_NO_AUTH.format(mode=mode or "<unset>"))
 
 
@@ -58,6 +58,9 @@ class _Worker:
         from .runner import resolve_for_model
 
         return resolve_for_model(self.model, gen, calibration)
+
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
 
     def evaluate(self, items: list[dict], gen: dict) -> list[dict]:
         from .runner import default_batch_size, evaluate_items
@@ -112,6 +115,14 @@ class RayPool:
     def resolve(self, gen: dict) -> tuple[dict, dict]:
         """Model identity and model-dependent settings, as one worker sees them."""
         return self.ray.get(self.actors[0].resolve.remote(gen, self.calibration))
+
+    def dtype(self) -> str:
+        """The dtype the workers' models run in (``auto`` resolves on the worker's own device)."""
+        names = set(self.ray.get([a.dtype.remote() for a in self.actors]))
+        if len(names) > 1:
+            raise AgdError(f"the Ray workers loaded the model in different dtypes ({', '.join(sorted(names))}); "
+                           "pass --dtype explicitly")
+        return names.pop()
 
     def records(self, items: list[dict], gen: dict) -> Iterator[dict]:
         """Records of ``items``, in the order their chunks finish (a chunk: one batch per actor call)."""

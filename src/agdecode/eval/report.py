@@ -167,8 +167,11 @@ def _rate(run: dict, metric: str) -> tuple[float, float, float]:
 
 
 def _group_key(run: dict) -> tuple[str, str, str]:
+    """Runs compared in one table: the same task, data, model and dtype (fp32 runs keep the plain name)."""
     s = run["settings"]
-    return s["task"], s["data"]["name"], s["model"].get("model_type", "") + ":" + s["model"]["fingerprint"][:8]
+    dtype = s.get("dtype")
+    return s["task"], s["data"]["name"], (s["model"].get("model_type", "") + ":" + s["model"]["fingerprint"][:8]
+                                          + ("" if dtype in (None, "float32", "fp32") else f":{dtype}"))
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -365,7 +368,9 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, plo
     for (task, data, model), group in _groups(load_runs(paths)).values():
         table, rows = _table(task, group)
         s = group[0]["settings"]
-        title = f"{task} / {data} ({s['model']['model_type']}, {Path(s['model']['name_or_path']).name or '?'})"
+        dtype = s.get("dtype")
+        title = (f"{task} / {data} ({s['model']['model_type']}, {Path(s['model']['name_or_path']).name or '?'}"
+                 + ("" if dtype in (None, "float32", "fp32") else f", {dtype}") + ")")
         gen = {r["settings"]["method"]: r["settings"]["generate"] for r in group}
         parts.append(f"## {title}\n\n{table}\n")
         if plots:

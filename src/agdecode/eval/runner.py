@@ -257,9 +257,9 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
 
     info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray, "provenance": provenance()}
-    from ..models import dtype_name, resolve_dtype
+    from ..models import dtype_name
 
-    dtype = dtype_name(model.dtype if model is not None else resolve_dtype(spec.dtype, spec.device))
+    dtype = pool.dtype() if ray is not None else dtype_name(model.dtype)
     done = store.open(_settings(spec, data, gen, identity, dtype), info)
     todo = [it for it in data.items if it["id"] not in done]
     records: Iterable[dict] = (pool.records(todo, gen) if ray is not None

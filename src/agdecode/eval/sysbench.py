@@ -431,7 +431,8 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
     from .. import __version__
 
     settings = {"task": "sysbench", "data": {"name": Path(spec.data).name, "sha256": sha}, "method": spec.method,
-                "generate": call, "model": identity, "dtype": spec.dtype, "gt_history": spec.gt_history,
+                "generate": call, "model": identity, "dtype": str(model.dtype).removeprefix("torch."),
+                "gt_history": spec.gt_history,
                 "judge": {"model": spec.judge.model,
                           "template_sha256": hashlib.sha256(judge.template.encode()).hexdigest()}}
     info = {"spec": dataclasses.asdict(spec),
