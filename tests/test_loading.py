@@ -79,6 +79,22 @@ def test_slow_or_unsupported_dtypes_warn_once_or_are_refused(monkeypatch):
         models.resolve_dtype("bfloat16", torch.device("cuda"))
 
 
+def test_fp16_on_a_cpu_without_fp16_units_warns(monkeypatch):
+    from agdecode import models
+
+    monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(models, "_WARNED", set())
+    with pytest.warns(UserWarning, match="float16 on a CPU without AVX-512 FP16 or AMX-FP16 units is emulated"):
+        assert models.resolve_dtype("fp16", "cpu") == torch.float16
+
+
+def test_auto_dtype_follows_a_device_map():
+    from agdecode.models import _map_device
+
+    assert _map_device({"model": "cpu", "lm_head": "disk"}) == "cpu"
+    assert _map_device({"model": 0, "lm_head": "cpu"}) == "cuda" and _map_device("auto") is None
+
+
 def test_an_unknown_dtype_is_one_line_before_anything_loads(tmp_path):
     with pytest.raises(ModelLoadError, match=r"^dtype must be one of auto, float32, .* got 'bf17'$"):
         load_model(tmp_path / "not-even-there", dtype="bf17")

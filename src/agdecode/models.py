@@ -113,7 +113,8 @@ def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
     """
     dev = torch.device(device)
     if dev.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # bf16 tensor cores from compute capability 8 (Ampere) on, for the device asked (not the current one).
+        ok = torch.cuda.is_available() and torch.cuda.get_device_capability(dev.index or 0)[0] >= 8
         return ok, f"CUDA device {'with' if ok else 'without'} bf16 support"
     if dev.type != "cpu":
         return False, f"{dev.type} device (bf16 not assumed)"
@@ -158,15 +159,27 @@ def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device 
     if chosen == torch.bfloat16 and dev.type == "cuda" and not native:
         raise ModelLoadError(f"dtype bfloat16 is not supported by this {found}; use float16 or float32 "
                              "(or dtype='auto')")
-    if chosen in (torch.bfloat16, torch.float16) and dev.type == "cpu" and not native:
+    fp16_units = "avx512_fp16" in _cpu_flags() or "amx_fp16" in _cpu_flags()
+    if dev.type == "cpu" and ((chosen == torch.bfloat16 and not native) or (chosen == torch.float16 and not fp16_units)):
         name = dtype_name(chosen)
         if name not in _WARNED:
             _WARNED.add(name)
             import warnings
 
-            warnings.warn(f"dtype {name} on a {found} is emulated and slower than float32; "
+            units = found if chosen == torch.bfloat16 else "CPU without AVX-512 FP16 or AMX-FP16 units"
+            warnings.warn(f"dtype {name} on a {units} is emulated and slower than float32; "
                           "pass dtype='float32' (or 'auto') for speed", stacklevel=3)
     return chosen
+
+
+def _map_device(device_map) -> str | None:
+    """The device kind a ``device_map`` computes on, for ``dtype="auto"``: a dict naming only "cpu" and
+    "disk" runs on the CPU; one with GPU indices or "cuda..." on CUDA; "auto" and the like wherever
+    transformers puts it (CUDA when available: None)."""
+    if isinstance(device_map, dict):
+        places = {str(v) for v in device_map.values()}
+        return "cuda" if any(p.isdigit() or p.startswith("cuda") for p in places) else "cpu"
+    return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -390,7 +403,7 @@ def load_model(
     if offload_folder is not None and device_map is None:
         raise ModelLoadError("offload_folder is used only with a device_map that offloads to 'disk'")
     dev = _check_device("cpu" if device is None else device) if device_map is None else None
-    dtype = resolve_dtype(dtype, dev)
+    dtype = resolve_dtype(dtype, dev if dev is not None else _map_device(device_map))
     if not isinstance(attn_implementation, str) or not attn_implementation:
         raise ModelLoadError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
     name = str(name_or_path)
