@@ -38,6 +38,19 @@ def served_name(model: str) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name or model)
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port 1-65535 (uvicorn would take 70000 and listen elsewhere)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return n
+
+
 def _settings(args) -> dict:
     """The server's default AGD settings: only the flags given (the rest are AGDConfig's defaults)."""
     given = dict(method=args.method, roi=args.roi, k=args.k, min_prob=args.min_prob,
@@ -86,6 +99,8 @@ def cmd_serve(args) -> int:
 
 
 def register_serve(sub) -> None:
+    from ..eval.cli import positive_int  # (the argparse types live with the eval CLI; see issue 26's "floors")
+
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible chat-completions server decoding with AGD",
         description="Serve /v1/chat/completions (OpenAI schema; AGD settings in the extension object 'agd') "
@@ -93,16 +108,16 @@ def register_serve(sub) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: 'smollm2' or the model's folder/file name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
-    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoding at once (default 16)")
-    p.add_argument("--max-tokens", type=int, default=256,
+    p.add_argument("--max-batch", type=positive_int, default=16, help="most sequences decoding at once (default 16)")
+    p.add_argument("--max-tokens", type=positive_int, default=256,
                    help="completion length when a request sets no max_tokens (default 256)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (debug logs every step's batch size)")
     from ..cli import _threshold
@@ -117,7 +132,7 @@ def register_serve(sub) -> None:
     g.add_argument("--attribution", default=None, choices=["lrp", "ixg"], help="lrp (default) or ixg")
     g.add_argument("--engine", default=None, help="attribution engine (default forward)")
     r = p.add_argument_group("scale-out with Ray Serve")
-    r.add_argument("--replicas", type=int, default=None,
+    r.add_argument("--replicas", type=positive_int, default=None,
                    help="run N model replicas behind Ray Serve (default: one in-process server, no Ray)")
     r.add_argument("--ray-address", default=None,
                    help="an existing Ray cluster ('auto' or ray://host:10001); default: start a local one")
