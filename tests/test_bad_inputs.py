@@ -131,6 +131,8 @@ API = [
     ("threshold-word", dict(entropy_threshold="high"), ValueError, "entropy_threshold must be"),
     ("max-new-tokens-negative", dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an integer >= 1"),
     ("method-unknown", dict(method="beam"), ValueError, "method must be one of"),
+    ("seed-beyond-64-bits", dict(method="sample", seed=2**64), AgdError, r"seed must be an integer from -2\*\*63"),
+    ("seed-a-string", dict(method="sample", seed="7"), AgdError, "seed must be an integer"),
 ]
 
 

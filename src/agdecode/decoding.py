@@ -35,6 +35,7 @@ __all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "run", 
 
 METHODS = ("agd", "greedy") + BASELINES
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 class NonFiniteLogitsError(FloatingPointError, AgdError):
@@ -109,6 +110,8 @@ class AGDConfig:
                 isinstance(self.stop_strings, (list, tuple)) and self.stop_strings
                 and all(isinstance(s, str) and s for s in self.stop_strings)):
             raise AgdError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")
+        if not _int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
         validate_settings(self)
         return self

@@ -231,8 +231,9 @@ def create_app(server: AgdServer, replica: str | None = None):
                 raise too_big
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number, deep nesting
+            raise ApiError(400, f"The request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}",
+                           code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         try:

@@ -13,6 +13,11 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from ..decoding import SEED_RANGE
+
+# A bound far above any model's context, so a 5,000-digit number is a 400, not a 500 from deep inside.
+_MAX_TOKENS = 2**31 - 1
+
 __all__ = ["AgdOptions", "ChatRequest", "Document", "Message", "unsupported"]
 
 _Number = StrictFloat  # strict: a JSON integer is a number, true is not
@@ -86,11 +91,11 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_TOKENS)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_TOKENS)
     temperature: _Number | None = Field(None, ge=0, le=2)
     top_p: _Number | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt | None = 1
     stream: StrictBool = False
