@@ -82,7 +82,7 @@ def test_slow_or_unsupported_dtypes_warn_once_or_are_refused(monkeypatch):
 def test_fp16_on_a_cpu_without_fp16_units_warns(monkeypatch):
     from agdecode import models
 
-    monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(models, "_fp16_units", lambda: False)
     monkeypatch.setattr(models, "_WARNED", set())
     with pytest.warns(UserWarning, match="float16 on a CPU without AVX-512 FP16 or AMX-FP16 units is emulated"):
         assert models.resolve_dtype("fp16", "cpu") == torch.float16
@@ -91,8 +91,31 @@ def test_fp16_on_a_cpu_without_fp16_units_warns(monkeypatch):
 def test_auto_dtype_follows_a_device_map():
     from agdecode.models import _map_device
 
-    assert _map_device({"model": "cpu", "lm_head": "disk"}) == "cpu"
-    assert _map_device({"model": 0, "lm_head": "cpu"}) == "cuda" and _map_device("auto") is None
+    assert _map_device({"model": "cpu", "lm_head": "disk"}) == "cpu" and _map_device("cpu") == "cpu"
+    assert _map_device({"model": "cpu", "lm_head": 1}) == "cuda:1" and _map_device({"": "cuda:1"}) == "cuda:1"
+    assert _map_device("auto") is None and _map_device(0) == "cuda:0"
+
+
+def test_load_model_resolves_auto_for_the_device_map(folder, monkeypatch, tmp_path):
+    from agdecode import models
+
+    seen = []
+    real = models.resolve_dtype
+    monkeypatch.setattr(models, "resolve_dtype", lambda dtype, device=None: seen.append(device) or real(dtype, "cpu"))
+    load_model(folder, device_map={"": "cpu"})
+    assert seen == ["cpu"]
+
+
+def test_fp16_units_silence_the_fp16_warning(monkeypatch):
+    import warnings
+
+    from agdecode import models
+
+    monkeypatch.setattr(models, "_fp16_units", lambda: True)
+    monkeypatch.setattr(models, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models.resolve_dtype("fp16", "cpu") == torch.float16
 
 
 def test_an_unknown_dtype_is_one_line_before_anything_loads(tmp_path):

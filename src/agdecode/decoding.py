@@ -111,7 +111,8 @@ class AGDConfig:
                 and all(isinstance(s, str) and s for s in self.stop_strings)):
             raise AgdError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")
         if not _int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
+            got = f"an integer of {self.seed.bit_length()} bits" if _int(self.seed) else repr(self.seed)[:80]
+            raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {got}")
         parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
         validate_settings(self)
         return self

@@ -103,7 +103,7 @@ def _cpu_flags() -> set[str]:
 def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
     """Whether ``device`` runs bf16 matrix products in hardware, and what was found.
 
-    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and newer). CPU: AMX (``amx_bf16``) or AVX-512
+    CUDA: compute capability 8 or more (Ampere and newer), of the device asked. CPU: AMX (``amx_bf16``) or AVX-512
     BF16 units, as torch's own CPU checks (or ``/proc/cpuinfo``) report them; without them torch
     emulates bf16 and a bf16 matmul is slower than an fp32 one.
 
@@ -114,7 +114,9 @@ def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
     dev = torch.device(device)
     if dev.type == "cuda":
         # bf16 tensor cores from compute capability 8 (Ampere) on, for the device asked (not the current one).
-        ok = torch.cuda.is_available() and torch.cuda.get_device_capability(dev.index or 0)[0] >= 8
+        index = torch.cuda.current_device() if dev.index is None and torch.cuda.is_available() else dev.index or 0
+        ok = (torch.cuda.is_available() and index < torch.cuda.device_count()
+              and torch.cuda.get_device_capability(index)[0] >= 8)
         return ok, f"CUDA device {'with' if ok else 'without'} bf16 support"
     if dev.type != "cpu":
         return False, f"{dev.type} device (bf16 not assumed)"
@@ -129,6 +131,17 @@ def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
     return False, "CPU without AMX or AVX-512 BF16 units"
 
 
+def _fp16_units() -> bool:
+    """A CPU with fp16 matrix units (AMX-FP16 or AVX-512 FP16)."""
+    try:
+        if torch.cpu._is_amx_fp16_supported():
+            return True
+    except AttributeError:
+        pass
+    flags = _cpu_flags()
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
 _WARNED: set[str] = set()
 
 
@@ -136,7 +149,7 @@ def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device 
     """The dtype a model is loaded in: ``"auto"`` is bf16 where ``device`` runs it natively (see
     :func:`native_bf16`), fp32 elsewhere; other names are checked against what the device can run.
 
-    bf16 or fp16 on a CPU without bf16 units warns once (fp32 is faster there); bf16 on a CUDA device
+    bf16 on a CPU without bf16 units, or fp16 without fp16 units, warns once (fp32 is faster there); bf16 on a CUDA device
     without bf16 support is refused, naming the alternatives. An unknown name is refused before
     anything is loaded.
 
@@ -159,8 +172,7 @@ def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device 
     if chosen == torch.bfloat16 and dev.type == "cuda" and not native:
         raise ModelLoadError(f"dtype bfloat16 is not supported by this {found}; use float16 or float32 "
                              "(or dtype='auto')")
-    fp16_units = "avx512_fp16" in _cpu_flags() or "amx_fp16" in _cpu_flags()
-    if dev.type == "cpu" and ((chosen == torch.bfloat16 and not native) or (chosen == torch.float16 and not fp16_units)):
+    if dev.type == "cpu" and ((chosen == torch.bfloat16 and not native) or (chosen == torch.float16 and not _fp16_units())):
         name = dtype_name(chosen)
         if name not in _WARNED:
             _WARNED.add(name)
@@ -173,13 +185,18 @@ def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device 
 
 
 def _map_device(device_map) -> str | None:
-    """The device kind a ``device_map`` computes on, for ``dtype="auto"``: a dict naming only "cpu" and
-    "disk" runs on the CPU; one with GPU indices or "cuda..." on CUDA; "auto" and the like wherever
-    transformers puts it (CUDA when available: None)."""
-    if isinstance(device_map, dict):
-        places = {str(v) for v in device_map.values()}
-        return "cuda" if any(p.isdigit() or p.startswith("cuda") for p in places) else "cpu"
-    return None
+    """The device a ``device_map`` computes on, for ``dtype="auto"``: its first place that is not "cpu" or
+    "disk" (an integer is a CUDA index), else "cpu"; "auto" and the like wherever transformers puts it
+    (CUDA when available: None)."""
+    places = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    if not isinstance(device_map, dict) and str(device_map) in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return None
+    for place in places:
+        if isinstance(place, int) or str(place).isdigit():
+            return f"cuda:{int(place)}"
+        if str(place) not in ("cpu", "disk"):
+            return str(place)
+    return "cpu"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -113,6 +113,6 @@ def parse_set(pairs: list[str] | None) -> dict:
             raise AgdError(f"--set expects KEY=VALUE, got {p!r}")
         try:
             out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (a 5,000-digit number, deep nesting too): the text itself
             out[key.strip()] = value
     return out

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from ..decoding import SEED_RANGE
 
-# A bound far above any model's context, so a 5,000-digit number is a 400, not a 500 from deep inside.
+# A bound far above any model's context, so a huge max_tokens is a 400 here, not an error deep inside.
 _MAX_TOKENS = 2**31 - 1
 
 __all__ = ["AgdOptions", "ChatRequest", "Document", "Message", "unsupported"]
