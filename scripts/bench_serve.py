@@ -106,6 +106,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    from agdecode.models import dtype_name
     from agdecode.provenance import provenance
 
     model, tok = agdecode.load_model(args.model, dtype=args.dtype, device=args.device)
@@ -147,7 +148,7 @@ def main() -> None:
     for r in done:
         texts.setdefault((r["method"], r["request"]), set()).add(r["text"])
     same = all(len(t) == 1 for t in texts.values())
-    setup = {"model": args.model, "device": args.device, "dtype": str(model.dtype).removeprefix("torch."),
+    setup = {"model": args.model, "device": args.device, "dtype": dtype_name(model.dtype),
              "threads": args.threads,
              "requests": args.requests, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -28,13 +28,11 @@ import json
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -42,7 +40,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import agdecode  # noqa: E402
 from agdecode.decoding import _engine_row, entropy  # noqa: E402
 from agdecode.engines.forward import ForwardEngine  # noqa: E402
+from agdecode.eval.cli import positive_int  # noqa: E402
 from agdecode.eval.datasets import load_items  # noqa: E402
+from agdecode.provenance import provenance  # noqa: E402
 from agdecode.roi import render_prompt, resolve_region  # noqa: E402
 from agdecode.sources import Row  # noqa: E402
 
@@ -187,15 +187,10 @@ def summarise(steps: list[dict], self_check: list[bool], self_check_guided: list
 
 
 def environment(threads: int) -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    dirty = git("status", "--porcelain")
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu,
-            "threads": threads, "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(dirty),
-            "git_dirty_paths": dirty.splitlines()}
+    prov = provenance()
+    return {"torch": prov["torch"], "transformers": prov["transformers"], "cpu": prov["cpu"], "threads": threads,
+            "git_commit": prov["git"]["commit"], "git_dirty": prov["git"]["dirty"],
+            "git_dirty_paths": prov["git"]["changed"]}
 
 
 def _pct(x: dict) -> str:
@@ -295,16 +290,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def at_least_one(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s!r}")
-    return v
-
-
 def probability(s: str) -> float:
     try:
         v = float(s)
@@ -327,13 +312,13 @@ def nonnegative(s: str) -> float:
 
 def main() -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=at_least_one, default=100, help="rules conversations (default 100)")
-    p.add_argument("--tokens", type=at_least_one, default=32, help="fp32 AGD tokens per conversation (default 32)")
-    p.add_argument("--batch-size", type=at_least_one, default=16, help="sequences per batch (default 16)")
-    p.add_argument("--k", type=at_least_one, default=5)
+    p.add_argument("--n", type=positive_int, default=100, help="rules conversations (default 100)")
+    p.add_argument("--tokens", type=positive_int, default=32, help="fp32 AGD tokens per conversation (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per batch (default 16)")
+    p.add_argument("--k", type=positive_int, default=5)
     p.add_argument("--min-prob", type=probability, default=0.05)
     p.add_argument("--entropy-threshold", type=nonnegative, default=1.734, help="AGD_e gate in nats (default 1.734)")
-    p.add_argument("--threads", type=at_least_one, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", default="docs/precision/bf16-smollm2", help="output path without suffix")
     a = p.parse_args()
     items = load_items("rules", "rules").items

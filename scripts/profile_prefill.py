@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from agdecode.bench import _prompts
 from agdecode.engines.forward import ForwardEngine
-from agdecode.models import load_model
+from agdecode.models import dtype_name, load_model
 from agdecode.sources import Row
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         with ForwardEngine(model) as eng:
             eng.prefill([Row(ids, token_weights=roi)])
 
-    print(f"# SmolLM2-135M-Instruct, {str(model.dtype).removeprefix('torch.')}, 1 thread, {args.length} tokens\n")
+    print(f"# SmolLM2-135M-Instruct, {dtype_name(model.dtype)}, 1 thread, {args.length} tokens\n")
     greedy(), agd()  # warm-up
     for name, fn in (("greedy (plain forward)", greedy), ("AGD (forward engine, one ROI)", agd)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:

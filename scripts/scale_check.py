@@ -49,9 +49,7 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -449,25 +447,15 @@ def reverse_check(model, prompt, tokens: int, k: int, agd: dict | None, together
 
 def machine(threads: int) -> dict:
     import torch
-    import transformers
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    from agdecode.provenance import provenance
+
+    prov = provenance()
     mem = next((int(l.split()[1]) / 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal:")), None)
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", "--no-optional-locks", *cmd], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=30).stdout.rstrip("\n")
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    changed = git("status", "--porcelain", "--untracked-files=no")
-    commit = git("rev-parse", "HEAD")
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=threads, torch_threads=torch.get_num_threads(),
-                mem_total_gib=round(mem, 1) if mem else None, python=platform.python_version(),
-                torch=torch.__version__, transformers=transformers.__version__, git_commit=commit.strip() if commit else None,
-                git_dirty=None if changed is None else bool(changed),
-                git_changed=changed.splitlines() if changed else [],
+    return dict(cpu=prov["cpu"], cores=prov["cores"], threads=threads, torch_threads=torch.get_num_threads(),
+                mem_total_gib=round(mem, 1) if mem else None, python=prov["python"],
+                torch=prov["torch"], transformers=prov["transformers"], git_commit=prov["git"]["commit"],
+                git_dirty=prov["git"]["dirty"], git_changed=prov["git"]["changed"],
                 command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -172,23 +171,15 @@ def _worker(args) -> dict:
 
 
 def _machine(args) -> dict:
-    import transformers
-
     from .models import dtype_name, native_bf16, resolve_dtype
-    from .provenance import git_state
+    from .provenance import provenance
 
     if args.threads:
-        torch.set_num_threads(args.threads)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
-                dtype=dtype_name(resolve_dtype(args.dtype, args.device)), dtype_asked=args.dtype,
-                bf16_units=native_bf16(args.device)[1], git=git_state(),
+        torch.set_num_threads(args.threads)  # before provenance(), which records the thread count
+    return dict(provenance(), device=args.device, dtype=dtype_name(resolve_dtype(args.dtype, args.device)),
+                dtype_asked=args.dtype, bf16_units=native_bf16(args.device)[1],
                 model=args.random_init and f"random-init:{args.random_init}" or args.model,
                 command="agd bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
-    if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _stats(xs: list[float]) -> dict:

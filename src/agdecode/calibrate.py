@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import AgdError
 from .identity import model_identity, same_model
-from .models import input_device
+from .models import dtype_name, input_device
 
 __all__ = ["model_identity", "calibrate", "calibration_path", "shipped_calibration_path", "save_calibration",
            "load_calibration", "calibrated_threshold", "CalibrationError", "BIN_WIDTH", "DEFAULT_DATA"]
@@ -111,7 +111,7 @@ def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, p
     record = {
         "version": 1,
         "model": model_identity(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype_name(next(model.parameters()).dtype),
         "data": {**(data or {}), "n_items": len(conversations)},
         "max_new_tokens": max_new_tokens,
         "percentile": percentile,

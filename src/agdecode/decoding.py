@@ -25,7 +25,7 @@ from .baselines import BASELINES, DOLA_REPETITION_PENALTY, baseline_row, describ
 from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES, make_engine
 from .errors import AgdError
-from .models import input_device
+from .models import dtype_name, input_device
 from .roi import ROI, Prompt, Region, parse_rois, render_prompt, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
@@ -420,7 +420,7 @@ class Decoder:
                    **({"method": describe} if describe is not None else {}),
                    **({"roi_heads": heads} if heads else {}),
                    "finish_reason": job.finish_reason,
-                   "dtype": str(getattr(self.model, "dtype", "")).removeprefix("torch.")},
+                   "dtype": dtype_name(getattr(self.model, "dtype", ""))},
         )
 
 

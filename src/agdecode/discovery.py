@@ -34,6 +34,7 @@ from .engines.reverse import attribute_batch
 from .errors import AgdError
 from .heads import KINDS
 from .identity import model_identity, model_key
+from .models import dtype_name
 from .roi import render_prompt
 
 __all__ = ["discovery_items", "discover_heads", "plot_heads"]
@@ -127,7 +128,7 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
     return {
         "model": model_key(model),
         "identity": model_identity(model),  # a head set is only used for the model it was found on
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype_name(model.dtype),
         "kind": kind,
         "procedure": "D = mean_OB-counterfactual R+_h(cf answer) - mean_CB R+_h(gold answer); R+ = positive AttnLRP "
                      "relevance at the o_proj input, summed over head dim and positions; first answer token",

@@ -20,18 +20,21 @@ _ROOT = Path(__file__).resolve().parents[2]  # the checkout, when installed from
 
 
 def git_state() -> dict:
-    """``{"commit": ..., "dirty": ...}`` of the checkout this package runs from; both None when it is
-    not a git checkout (an installed wheel) or git is missing. ``dirty``: tracked files differ from
-    the commit (the figure is then of those changes, not of the commit alone)."""
+    """``{"commit", "dirty", "changed"}`` of the checkout this package runs from; None (and ``[]``)
+    when it is not a git checkout (an installed wheel) or git is missing. ``dirty``: tracked files
+    differ from the commit (the figure is then of those changes, not of the commit alone); ``changed``
+    names them, so a reader sees whether they could matter (a README edit cannot)."""
+    unknown = {"commit": None, "dirty": None, "changed": []}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return unknown
     if commit.returncode != 0 or status.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        return unknown
+    changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+    return {"commit": commit.stdout.strip(), "dirty": bool(changed), "changed": changed}
 
 
 def provenance() -> dict:

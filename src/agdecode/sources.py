@@ -295,30 +295,27 @@ class CachedForward(Source):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
-    def _logits(self, out, ids: list[torch.Tensor]) -> torch.Tensor:
-        """Next-token scores ``(n, V)`` of the sequences in ``out`` (whose tokens are ``ids``)."""
+    def _logits(self, out, start: int) -> torch.Tensor:
+        """Next-token scores ``(n, V)`` of the sequences in ``out``: the live sequences from position
+        ``start`` on (0 for a step; a prefill's new ones follow those already live). Sources that keep
+        per-sequence state (CAD, DoLa, steering) keep theirs for positions ``:start`` and replace the rest."""
         return out.logits[:, -1]
 
     def _rows(self, rows: Sequence[Row]) -> list[torch.Tensor]:
         """The token ids of each cache row of these sequences (``width`` per sequence)."""
         return [r.input_ids for r in rows]
 
-    # Prefill in :func:`prefill_groups` (on a CPU each sequence alone, at its own length, as the forward
-    # engine does). Sources whose ``_logits`` keep state per call (CAD, DoLa, steering) run their new
-    # sequences in one call.
-    group_prefill = True
-
     @torch.no_grad()
     def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
-        new = [r.input_ids.to(self.device) for r in rows]
-        self.ids += new
-        groups = prefill_groups(self.device, len(rows)) if self.group_prefill else [slice(0, len(rows))]
+        live = len(self.ids)
+        self.ids += [r.input_ids.to(self.device) for r in rows]
         parts, logits = [], []
-        for group in groups:
+        # In prefill_groups: on a CPU each sequence alone, at its own length, as the forward engine does.
+        for group in prefill_groups(self.device, len(rows)):
             ids, mask = left_pad([t.to(self.device) for t in self._rows(rows[group])])
             out, part = self.kv.run(self._embed(ids), mask)
             parts.append(part)
-            logits.append(self._logits(out, new[group]))
+            logits.append(self._logits(out, live + group.start))
         self.kv.merge(parts)
         return torch.cat(logits)
 
@@ -327,7 +324,7 @@ class CachedForward(Source):
         token_ids = token_ids.to(self.device)
         self.ids = [torch.cat([s, t[None]]) for s, t in zip(self.ids, token_ids)]
         out = self.kv.step(self._embed(token_ids.repeat_interleave(self.width)[:, None]))
-        return self._logits(out, self.ids)
+        return self._logits(out, 0)
 
     def keep(self, index: torch.Tensor) -> None:
         index = index.to(self.device)

@@ -79,8 +79,6 @@ class CADSource(CachedForward):
         ...     src.info(0)
     """
 
-    group_prefill = False  # _logits keeps per-call state
-
     width = 2
 
     def __init__(self, model: nn.Module, alpha: float = 0.5):
@@ -91,10 +89,10 @@ class CADSource(CachedForward):
     def _rows(self, rows) -> list[torch.Tensor]:
         return [t for r in rows for t in (r.input_ids, r.negative_ids)]
 
-    def _logits(self, out, ids) -> torch.Tensor:
+    def _logits(self, out, start: int) -> torch.Tensor:
         full, free = out.logits[:, -1].float().unflatten(0, (-1, 2)).unbind(1)   # (B, V) each
         tops = torch.stack([full.argmax(-1), free.argmax(-1)], dim=1)
-        self._tops = tops if len(ids) == len(self.ids) else torch.cat([self._tops, tops])
+        self._tops = torch.cat([self._tops[:start], tops]) if start else tops
         # What HF's classifier-free guidance processor computes with guidance_scale = 1 + alpha.
         return (1 + self.alpha) * torch.log_softmax(full, -1) - self.alpha * torch.log_softmax(free, -1)
 

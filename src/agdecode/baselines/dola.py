@@ -91,8 +91,6 @@ class DoLaSource(CachedForward):
         ...     scores = src.prefill([Row(ids)]); src.info(0)["premature_layer"]
     """
 
-    group_prefill = False  # _logits keeps per-call state
-
     def __init__(self, model: nn.Module, layers: "str | list[int]" = "high", relative_top: float = RELATIVE_TOP):
         super().__init__(model)
         self.kv.extra = {"output_hidden_states": True}
@@ -111,7 +109,7 @@ class DoLaSource(CachedForward):
         logits = self.head(self.norm(h)).float() * self.scale
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
-    def _logits(self, out, ids) -> torch.Tensor:
+    def _logits(self, out, start: int) -> torch.Tensor:
         final = out.logits[:, -1].float()                                          # (B, V)
         premature = torch.stack([final if j == self.n_layers else self._early_exit(out.hidden_states[j][:, -1])
                                  for j in self.layers], dim=1)                      # (B, n_candidates, V)
@@ -126,7 +124,7 @@ class DoLaSource(CachedForward):
         info = [{"premature_layer": self.layers[p], "model_top": int(f.argmax()),
                  "js_divergence": {str(j): float(d) for j, d in zip(self.layers, row)}}
                 for p, f, row in zip(pick.tolist(), final, jsd)]
-        self._info = info if len(ids) == len(self.ids) else self._info + info
+        self._info = self._info[:start] + info if start else info
         return scores
 
     def keep(self, index: torch.Tensor) -> None:

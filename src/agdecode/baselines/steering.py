@@ -172,8 +172,6 @@ class SteeringSource(CachedForward):
         ...     logits = src.prefill([Row(ids)])
     """
 
-    group_prefill = False  # _logits keeps per-call state
-
     def __init__(self, model: nn.Module, vector: SteeringVector, layer: int | None = None, weight: float = 1.0):
         super().__init__(model)
         vector.check(model)
@@ -211,9 +209,9 @@ class SteeringSource(CachedForward):
         self._last_norms = h[:, -1].float().norm(dim=-1).tolist()
         return ((h + self.push,) + tuple(args), kwargs)
 
-    def _logits(self, out, ids) -> torch.Tensor:
-        self._resid_norm = self._last_norms if len(ids) == len(self.ids) else self._resid_norm + self._last_norms
-        return super()._logits(out, ids)
+    def _logits(self, out, start: int) -> torch.Tensor:
+        self._resid_norm = self._resid_norm[:start] + self._last_norms if start else self._last_norms
+        return super()._logits(out, start)
 
     def keep(self, index: torch.Tensor) -> None:
         super().keep(index)

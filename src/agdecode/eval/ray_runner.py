@@ -60,7 +60,9 @@ class _Worker:
         return resolve_for_model(self.model, gen, calibration)
 
     def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
+        from ..models import dtype_name
+
+        return dtype_name(self.model.dtype)
 
     def evaluate(self, items: list[dict], gen: dict) -> list[dict]:
         from .runner import default_batch_size, evaluate_items

@@ -252,13 +252,11 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
             model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
         identity, gen = resolve_for_model(model, gen, spec.calibration)
     from .. import __version__
-
+    from ..models import dtype_name
     from ..provenance import provenance
 
     info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray, "provenance": provenance()}
-    from ..models import dtype_name
-
     dtype = pool.dtype() if ray is not None else dtype_name(model.dtype)
     done = store.open(_settings(spec, data, gen, identity, dtype), info)
     todo = [it for it in data.items if it["id"] not in done]

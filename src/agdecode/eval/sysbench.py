@@ -54,7 +54,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import AgdError
-from ..models import DTYPE_HELP
+from ..models import DTYPE_HELP, dtype_name
 
 __all__ = ["Turn", "Dialogue", "read_sysbench", "JudgeConfig", "Judge", "JudgeError", "parse_verdicts",
            "sysbench_metrics", "decode", "SysBenchSpec", "run_sysbench", "add_arguments", "cmd_sysbench"]
@@ -431,7 +431,7 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
     from .. import __version__
 
     settings = {"task": "sysbench", "data": {"name": Path(spec.data).name, "sha256": sha}, "method": spec.method,
-                "generate": call, "model": identity, "dtype": str(model.dtype).removeprefix("torch."),
+                "generate": call, "model": identity, "dtype": dtype_name(model.dtype),
                 "gt_history": spec.gt_history,
                 "judge": {"model": spec.judge.model,
                           "template_sha256": hashlib.sha256(judge.template.encode()).hexdigest()}}

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from ..adapters import get_adapter
 from ..decoding import make_jobs, resolve_config
 from ..errors import AgdError
+from ..models import dtype_name
 from ..trace import GenerationResult
 from .scheduler import Request, Scheduler
 from .schema import ChatRequest, unsupported
@@ -183,7 +184,7 @@ def create_app(server: AgdServer, replica: str | None = None):
     @asynccontextmanager
     async def lifespan(app):
         server.scheduler.start()
-        log.info("serving %s in %s (max batch %d)", server.name, str(server.model.dtype).removeprefix("torch."),
+        log.info("serving %s in %s (max batch %d)", server.name, dtype_name(server.model.dtype),
                  server.scheduler.max_batch)
         yield
         log.info("shutting down: draining %d request(s)", server.scheduler.pending())
