@@ -2,8 +2,9 @@
 # The runs behind docs/results.md, on the default model (SmolLM2-135M-Instruct), committed as records.
 #
 #   scripts/run_results.sh                 # the full grid: every method, 200 items per setting
-#   GRID=small scripts/run_results.sh      # what docs/results.md holds now: greedy and AGD, 20 items,
-#                                          # rules and open-book NQ
+#   GRID=small scripts/run_results.sh      # greedy and AGD, 20 items, rules and open-book NQ (a check)
+#   GRID=bf16 scripts/run_results.sh       # the bf16 tables of docs/results.md: rules (AGD, AGD_e, I x G),
+#                                          # closed-book TriviaQA/NQ, open-book and 10-document NQ
 #
 # Every eval command is resumable (run the script again after a crash or Ctrl-C) and appends to
 # $OUT/<setting>/<method>/records.jsonl (+ timings.jsonl). At the end the runs are archived,
@@ -18,9 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGD=${AGD:-.venv/bin/agd}
-OUT=${OUT:-runs/results}
-DOCS=${DOCS:-docs/results}
 GRID=${GRID:-full}
+OUT=${OUT:-runs/results$([[ $GRID == bf16 ]] && echo -bf16)}
+DOCS=${DOCS:-docs/results$([[ $GRID == bf16 ]] && echo /bf16)}
 THREADS=${THREADS:-1}         # one torch thread per process is fastest on a shared CPU
 RAY=${RAY:-}
 
@@ -36,6 +37,35 @@ if [[ "$GRID" == small ]]; then
     COMMON=(--limit "$LIMIT" --threads "$THREADS" --seed 0 --no-progress $RAY)
     $AGD eval rules --data rules --method greedy,agd --max-new-tokens 64 --out "$OUT/rules" "${COMMON[@]}"
     $AGD eval qa --data nq-open-book --method greedy,agd --max-new-tokens 32 --out "$OUT/nq-open-book" "${COMMON[@]}"
+elif [[ "$GRID" == bf16 ]]; then
+    # The paper's grid in the deployed regime (bf16), 200 items a cell. PARTS picks sections
+    # (default all); two shells with different PARTS share the work on two cores:
+    #   PARTS="rules closed open" scripts/run_results.sh &  PARTS="multidoc" scripts/run_results.sh
+    # Wall time on this machine (2 cores, one process each): see docs/results.md.
+    LIMIT=${LIMIT:-200}
+    DTYPE=${DTYPE:-bfloat16}
+    PARTS=${PARTS:-rules closed open multidoc}
+    COMMON=(--limit "$LIMIT" --threads "$THREADS" --seed 0 --no-progress --dtype "$DTYPE" $RAY)
+    for part in $PARTS; do case $part in
+    # Rule following (ROI: the system message): AGD vs AGD_e (tau 1.734) and the I x G ablation.
+    rules) $AGD eval rules --data rules --method greedy,agd,agd-gated,agd-ixg --max-new-tokens 64 \
+               --out "$OUT/rules" "${COMMON[@]}" ;;
+    # Closed-book QA: DoLa against AGD with the parametric-knowledge heads as ROI (found by
+    # `agd heads discover` on NQ lines 2000-2654, disjoint from every evaluated item).
+    closed) for set in triviaqa nq; do
+               $AGD eval qa --data "$set" --method "greedy,dola,agd@heads:parametric,agd-gated@heads:parametric" \
+                   --max-new-tokens 32 --out "$OUT/$set" "${COMMON[@]}"
+           done ;;
+    # Open-book NQ (gold passage among 4 distractors): CAD against AGD with the context ROI (all
+    # documents) and with the in-context heads.
+    open) $AGD eval qa --data nq-open-book --method "greedy,cad,agd,agd@heads:in-context" --max-new-tokens 32 \
+              --out "$OUT/nq-open-book" "${COMMON[@]}" ;;
+    # Ten documents (gold among 9 distractors).
+    multidoc) $AGD eval qa --data nq-multi-doc --method "greedy,cad,agd" --max-new-tokens 32 \
+                  --out "$OUT/nq-multi-doc" "${COMMON[@]}" ;;
+    *) echo "unknown part $part (rules, closed, open, multidoc)" >&2; exit 2 ;;
+    esac; done
+    [[ -n "${NO_ARCHIVE:-}" ]] && exit 0
 else
     LIMIT=${LIMIT:-200}
     MAX_RULES=${MAX_RULES:-64}    # rules asking for more words fail for every method alike

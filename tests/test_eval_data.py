@@ -86,6 +86,18 @@ def test_open_book_nq_uses_the_evaluation_split_only():
         load_items("nq", "rules")
 
 
+def test_multi_document_nq_has_ten_documents_with_the_gold_one_among_them():
+    from agdecode.eval.scoring import normalize_answer, recall
+
+    items = load_items("nq-multi-doc", "qa").items
+    assert len(items) == 2000 and {it["gold_document"] for it in items} == set(range(10))
+    for it in items[:100]:
+        docs = it["documents"]
+        assert len(docs) == 10 and recall(docs[it["gold_document"]]["text"], it["answers"])
+        long = [a for a in it["answers"] if len(normalize_answer(a)) >= 3]  # short answers are matched as whole words there
+        assert not long or sum(recall(d["text"], long) for d in docs) == 1  # no second gold passage
+
+
 def test_method_names_settings_and_unknown_methods():
     kw = methods.resolve_method("agd-gated@user", roi="system", extra={"k": 3}, max_new_tokens=8)
     assert kw == {"method": "agd", "max_new_tokens": 8, "attribution": "lrp", "entropy_threshold": 1.734,

