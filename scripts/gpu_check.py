@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from agdecode.decoding import AGDConfig, Decoder, Job, _engine_row, run  # noqa: E402
+from agdecode.decoding import AGDConfig, Decoder, Job, run  # noqa: E402
+from agdecode.methods import engine_row  # noqa: E402
 from agdecode.roi import Region  # noqa: E402
 from agdecode.shapes import random_model  # noqa: E402
 
@@ -65,8 +66,8 @@ def decode(model, prompts, cfg: AGDConfig, heads: torch.Tensor | None = None) ->
         last = torch.zeros(len(p))
         last[len(p) // 2:] = 1.0
         regions = [Region("first", first, heads), Region("last", last)]
-        jobs.append(Job(_engine_row(p, regions), regions, max_new_tokens=cfg.max_new_tokens))
-    run(Decoder(model, None, cfg, n_rois=2, heads=heads is not None), jobs, len(jobs))
+        jobs.append(Job(engine_row(p, regions), regions, max_new_tokens=cfg.max_new_tokens))
+    run(Decoder(model, None, cfg), jobs, len(jobs))
     return jobs
 
 

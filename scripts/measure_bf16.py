@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import agdecode  # noqa: E402
-from agdecode.decoding import _engine_row, entropy  # noqa: E402
+from agdecode.decoding import entropy  # noqa: E402
+from agdecode.methods import engine_row  # noqa: E402
 from agdecode.engines.forward import ForwardEngine  # noqa: E402
-from agdecode.eval.cli import positive_int  # noqa: E402
+from agdecode.checks import positive_int  # noqa: E402
 from agdecode.eval.datasets import load_items  # noqa: E402
 from agdecode.provenance import provenance  # noqa: E402
 from agdecode.roi import render_prompt, resolve_region  # noqa: E402
@@ -335,7 +336,7 @@ def main() -> int:
     rows = []
     for c in convs:
         prompt = render_prompt(tok, c)
-        rows.append(_engine_row(prompt.input_ids[0], [resolve_region(ROI, prompt, m32)]))
+        rows.append(engine_row(prompt.input_ids[0], [resolve_region(ROI, prompt, m32)]))
     conts = [r.token_ids for r in refs]
     s32 = forced(m32, rows, conts, a.k, a.batch_size)
     ref = [[candidates(v, a.min_prob) for v in x] for x in s32]

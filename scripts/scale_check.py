@@ -306,7 +306,8 @@ def roi_region(n: int):
 
 def decode(model, mode: str, ids, n_new: int, k: int) -> dict:
     """One generation of ``n_new`` tokens through the decoding loop; prefill and each step timed."""
-    from agdecode.decoding import AGDConfig, Decoder, Job, _engine_row
+    from agdecode.decoding import AGDConfig, Decoder, Job
+    from agdecode.methods import engine_row
     from agdecode.sources import Row
 
     region = roi_region(len(ids))
@@ -316,7 +317,7 @@ def decode(model, mode: str, ids, n_new: int, k: int) -> dict:
     else:
         cfg = AGDConfig(method="agd", engine="forward", k=k, min_prob=0.0, max_new_tokens=n_new,
                         min_new_tokens=n_new)
-        job = Job(_engine_row(ids, [region]), [region], max_new_tokens=n_new)
+        job = Job(engine_row(ids, [region]), [region], max_new_tokens=n_new)
     cfg.validate()
     dec = Decoder(model, None, cfg)
     steps = []
@@ -394,12 +395,12 @@ def reverse_check(model, prompt, tokens: int, k: int, agd: dict | None, together
     """Forward vs reverse engine ROI scores of the same top-k candidates at the first step."""
     import torch
 
-    from agdecode.decoding import _engine_row
+    from agdecode.methods import engine_row
     from agdecode.engines.forward import ForwardEngine
     from agdecode.engines.reverse import ReverseEngine
 
     ids = prompt[:tokens]
-    row = _engine_row(ids, [roi_region(tokens)])
+    row = engine_row(ids, [roi_region(tokens)])
     out = dict(tokens=tokens, roi_tokens=max(1, tokens // 4))
     if agd is not None and tokens == len(prompt):
         cands = torch.tensor(agd["first_step"]["candidates"])[None]

@@ -8,7 +8,8 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from agdecode import generate, render_prompt
-from agdecode.decoding import AGDConfig, Decoder, Job, _engine_row
+from agdecode.decoding import AGDConfig, Decoder, Job
+from agdecode.methods import engine_row
 from agdecode.errors import AgdError
 from agdecode.roi import resolve_region
 from agdecode.sources import CachedForward, Row
@@ -109,12 +110,12 @@ def test_rows_finish_at_different_steps_and_others_are_unchanged(llama):
     # Row 1 stops after 2 tokens (its own budget), row 0 at a stop criterion, row 2 runs on.
     jobs_cfg = AGDConfig(k=3, min_prob=0.0, max_new_tokens=8)
     alone = [generate(model, tok, c, config=jobs_cfg) for c in CONVS]
-    dec = Decoder(model, tok, jobs_cfg, n_rois=1)
+    dec = Decoder(model, tok, jobs_cfg)
     jobs = []
     for n, conv in enumerate(CONVS):
         prompt = render_prompt(tok, conv)
         region = resolve_region("system", prompt, model)
-        jobs.append(Job(_engine_row(prompt.input_ids[0], [region]), [region], prompt,
+        jobs.append(Job(engine_row(prompt.input_ids[0], [region]), [region], prompt,
                         max_new_tokens=2 if n == 1 else 8))
     sizes = []
     with dec:
@@ -151,12 +152,12 @@ def test_sequences_join_a_running_batch(llama):
     model, tok = llama
     cfg = AGDConfig(k=3, min_prob=0.0, max_new_tokens=6)
     alone = [generate(model, tok, c, config=cfg) for c in CONVS]
-    dec = Decoder(model, tok, cfg, n_rois=1)
+    dec = Decoder(model, tok, cfg)
 
     def job(conv):
         prompt = render_prompt(tok, conv)
         region = resolve_region("system", prompt, model)
-        return Job(_engine_row(prompt.input_ids[0], [region]), [region], prompt, 6)
+        return Job(engine_row(prompt.input_ids[0], [region]), [region], prompt, 6)
 
     jobs = [job(c) for c in CONVS]
     with dec:
@@ -320,7 +321,7 @@ def test_decoders_with_other_settings_take_turns_on_one_model(llama):
     alone = [generate(model, tok, CONVS[n], config=c) for n, c in enumerate(cfgs)]
     from agdecode.decoding import make_jobs
 
-    decs = [Decoder(model, tok, c, n_rois=len(c.roi_list())) for c in cfgs]
+    decs = [Decoder(model, tok, c) for c in cfgs]
     jobs = [make_jobs(model, tok, c, [CONVS[n]])[0] for n, c in enumerate(cfgs)]
     for d, j in zip(decs, jobs):
         d.__enter__()

@@ -198,3 +198,28 @@ def test_scorer_errors_are_reported_on_the_console(tiny_llama, tmp_path, monkeyp
                  "--no-progress", "--out", str(tmp_path / "runs")]) == 0
     err = capsys.readouterr().err
     assert "warning: greedy: the rule checker raised on 2 item(s)" in err
+
+
+def test_failed_items_run_again_on_resume_and_run_json_says_how_it_was_resumed(tiny_llama, qa_file, tmp_path,
+                                                                               monkeypatch):
+    from agdecode import decoding
+
+    model, tok = tiny_llama
+    real = decoding.generate
+
+    def flaky(model, tokenizer, conversations, **kw):  # fails on q2 (a missing head file, say), the rest run
+        convs = conversations if isinstance(conversations[0], list) else [conversations]
+        if any("largest planet" in m["content"] for c in convs for m in c):
+            raise ValueError("head file not found")
+        return real(model, tokenizer, conversations, **kw)
+
+    monkeypatch.setattr(decoding, "generate", flaky)
+    s = run_eval(_spec(qa_file, limit=4), tmp_path / "out", model, tok, progress=False)
+    assert (s["n"], s["n_errors"]) == (3, 1)
+    monkeypatch.setattr(decoding, "generate", real)  # fixed: the failed item runs again, the others do not
+    s = run_eval(_spec(qa_file), tmp_path / "out", model, tok, progress=False)
+    assert (s["n"], s["n_errors"]) == (5, 0)
+    recs = _records(tmp_path / "out" / "greedy")
+    assert [r["id"] for r in recs].count("q2") == 2 and len(recs) == 6
+    info = json.loads((tmp_path / "out" / "greedy" / "run.json").read_text())["info"]
+    assert info["spec"]["limit"] is None and info["history"][0]["spec"]["limit"] == 4

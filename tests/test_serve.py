@@ -169,12 +169,64 @@ def test_safe_text_holds_back_partial_characters_and_stop_prefixes():
     assert safe_text("Hello", ["\n\n"]) == "Hello"
 
 
-def test_sampling_is_used_for_a_temperature_and_matches_generate(served, tokenizer):
+def test_sampling_with_a_temperature_and_seed_matches_generate(served, tokenizer):
     url, ref, _, _ = served
-    r = client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=6, temperature=0.8, seed=3)
+    c = client(url)
+    r = c.chat.completions.create(model="tiny", messages=CONV, max_tokens=6, temperature=0.8, seed=3,
+                                  extra_body={"agd": {"method": "sample"}})
     want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=6, method="sample", temperature=0.8, top_p=1.0,
                              seed=3)
     assert r.choices[0].message.content == want.text and r.model_extra["agd"]["method"] == "sample"
+    # No seed: fresh randomness per request, as OpenAI (two 6-token draws from a random model never agree).
+    texts = {c.chat.completions.create(model="tiny", messages=CONV, max_tokens=6, temperature=1.0,
+                                       extra_body={"agd": {"method": "sample"}}).choices[0].message.content
+             for _ in range(2)}
+    assert len(texts) == 2
+
+
+def test_a_temperature_never_switches_agd_off_silently(served, tokenizer):
+    url, ref, _, _ = served
+    r = client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=5, temperature=0.7,
+                                            extra_body={"agd": AGD | {"roi": "system"}})
+    agd = r.model_extra["agd"]
+    want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=5, **AGD)
+    assert r.choices[0].message.content == want.text and agd["method"] == "agd" and agd["guided_steps"] > 0
+    assert "temperature 0.7 not applied" in agd["note"]
+
+
+def test_a_conversation_without_system_message_is_decoded_greedily_and_says_so(served, tokenizer):
+    url, ref, _, _ = served
+    conv = CONV[1:]
+    r = client(url).chat.completions.create(model="tiny", messages=conv, max_tokens=5)
+    agd = r.model_extra["agd"]
+    assert agd["guided_steps"] == 0 and "no system message" in agd["note"] and agd["method"] == "greedy"
+    assert r.choices[0].message.content == agdecode.generate(ref, tokenizer, conv, max_new_tokens=5,
+                                                             method="greedy").text
+    # A ROI the request chose itself is checked as given: a 400 naming the problem.
+    got, payload = post(url, {"model": "tiny", "messages": conv, "max_tokens": 3, "agd": {"roi": "system"}})
+    assert got == 400 and "system" in payload["error"]["message"]
+
+
+def test_strict_roi_refuses_a_conversation_without_system_message(tokenizer):
+    server = AgdServer(make_tiny("llama", len(tokenizer)), tokenizer, "tiny", {}, max_tokens=3, strict_roi=True)
+    with running(server) as url:
+        got, payload = post(url, {"model": "tiny", "messages": CONV[1:], "max_tokens": 3})
+    assert got == 400 and "system" in payload["error"]["message"]
+
+
+def test_vllm_fields_are_honoured(served, tokenizer):
+    url, ref, _, _ = served
+    c = client(url)
+    cases = [({"repetition_penalty": 1.3}, dict(repetition_penalty=1.3)),
+             ({"agd": {"method": "greedy", "repetition_penalty": 1.3}}, dict(repetition_penalty=1.3)),
+             ({"min_tokens": 4, "agd": {"method": "greedy"}}, dict(min_new_tokens=4)),
+             ({"ignore_eos": True, "agd": {"method": "greedy"}}, dict(min_new_tokens=6)),
+             ({"chat_template_kwargs": {"enable_thinking": False}, "agd": {"method": "greedy"}}, {})]
+    for extra, kw in cases:
+        agd = extra.get("agd", AGD)
+        r = c.chat.completions.create(model="tiny", messages=CONV, max_tokens=6, extra_body={"agd": agd, **extra})
+        want = agdecode.generate(ref, tokenizer, CONV, max_new_tokens=6, **{**agd, **kw})
+        assert r.choices[0].message.content == want.text, extra
 
 
 def test_models_and_health(served):
@@ -254,13 +306,16 @@ BAD = [  # (what, body or raw bytes, extra headers, status, substring of the mes
     ("k of the wrong type", {**GOOD, "agd": {"k": "3"}}, {}, 400, "valid integer", "agd.k"),
     ("unknown agd field", {**GOOD, "agd": {"kk": 3}}, {}, 400, "Extra inputs", "agd.kk"),
     ("bad role", {**GOOD, "messages": [{"role": "robot", "content": "hi"}]}, {}, 400, "role", "messages.0.role"),
-    ("unknown ROI", {**GOOD, "agd": {"roi": "elbow"}}, {}, 400, "elbow", None),
+    ("unknown ROI", {**GOOD, "agd": {"roi": "elbow"}}, {}, 400, "elbow", "agd.roi"),
     ("k < 1", {**GOOD, "agd": {"k": 0}}, {}, 400, "k must be", None),
     ("n > 1", {**GOOD, "n": 2}, {}, 400, "n must be 1", "n"),
     ("AGD with a temperature", {**GOOD, "temperature": 0.7, "agd": {"method": "agd"}}, {}, 400, "deterministic",
      "temperature"),
     ("steer without a vector", {**GOOD, "agd": {"method": "steer"}}, {}, 400, "steer_vector", None),
     ("a head file", {**GOOD, "agd": {"roi": "heads:/etc/heads.json"}}, {}, 400, "no files", "agd.roi"),
+    ("a head file after pairs", {**GOOD, "agd": {"roi": "heads:1.1 FILE.json"}}, {}, 400, "no files", "agd.roi"),
+    ("a head file in an expression", {**GOOD, "agd": {"roi": ["user", "system + heads:../x.json"]}}, {}, 400,
+     "no files", "agd.roi"),
     ("prompt longer than the context", {**GOOD, "messages": [{"role": "user", "content": "cat " * 600}]}, {}, 400,
      "context", None),
     ("body too big", {**GOOD, "messages": [{"role": "user", "content": "x" * 30_000}]}, {}, 400, "limit",
@@ -268,6 +323,15 @@ BAD = [  # (what, body or raw bytes, extra headers, status, substring of the mes
     ("seed beyond 64 bits", {**GOOD, "temperature": 0.5, "seed": 2**64}, {}, 400, "less than or equal", "seed"),
     ("a 5000-digit max_tokens", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": '
      + b"9" * 5000 + b"}", {}, 400, "not valid JSON", None),
+    ("a vLLM field this server does not implement", {**GOOD, "guided_json": {"type": "object"}}, {}, 400,
+     "'guided_json' is not supported", "guided_json"),
+    ("a typo in a field name", {**GOOD, "max_token": 3}, {}, 400, "'max_token' is not supported", "max_token"),
+    ("top_k", {**GOOD, "top_k": 5}, {}, 400, "top_k is not supported", "top_k"),
+    ("template kwargs that are apply_chat_template's own", {**GOOD, "chat_template_kwargs": {"tokenize": True}}, {},
+     400, "may not set tokenize", None),
+    ("repetition_penalty twice", {**GOOD, "repetition_penalty": 1.1, "agd": {"repetition_penalty": 1.2}}, {}, 400,
+     "given twice", "repetition_penalty"),
+    ("repetition_penalty <= 0", {**GOOD, "repetition_penalty": 0}, {}, 400, "greater than 0", "repetition_penalty"),
     ("wrong API key", GOOD, {"Authorization": "Bearer nope"}, 401, "API key", None),
     ("missing API key", GOOD, {"Authorization": ""}, 401, "API key", None),
     ("unknown model", {**GOOD, "model": "gpt-4"}, {}, 404, "does not exist", "model"),
@@ -379,3 +443,38 @@ def test_cli_serves_and_drains_on_sigterm(tokenizer, tmp_path):
             proc.kill()
         out = proc.stdout.read()
     assert "draining" in out
+
+
+def test_metrics_count_requests_tokens_and_time_to_first_token(served):
+    url, *_ = served
+    client(url).chat.completions.create(model="tiny", messages=CONV, max_tokens=3, extra_body={"agd": AGD})
+    post(url, {**GOOD, "n": 2})  # a refused request
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/plain")
+
+    def value(name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+    assert value('agd_requests_total{method="agd",outcome="ok"}') >= 1
+    assert value('agd_generated_tokens_total{method="agd"}') >= 3
+    assert value('agd_time_to_first_token_seconds_count{method="agd"}') >= 1
+    assert value('agd_rejected_requests_total{status="400"}') >= 1
+    assert value("agd_batch_rows") >= 0 and value("agd_queue_length") >= 0
+
+
+def test_a_client_that_sends_its_body_slowly_is_timed_out(tokenizer):
+    server = AgdServer(make_tiny("llama", len(tokenizer)), tokenizer, "tiny", {}, max_tokens=3, read_timeout=0.5)
+    with running(server) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            t0 = time.perf_counter()
+            reply = sock.recv(4096).decode()
+        assert " 408 " in reply.splitlines()[0] and "did not arrive" in reply and time.perf_counter() - t0 < 5
+        got, _ = post(url, {"model": "tiny", "messages": CONV, "max_tokens": 2, "agd": {"method": "greedy"}})
+        assert got == 200

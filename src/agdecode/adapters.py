@@ -20,7 +20,7 @@ from torch import nn
 
 from .architectures import ARCHITECTURES, Spec, UnsupportedArchitectureError, get_spec, layout
 from .architectures.spec import MLP, Norm
-from .errors import AgdError
+from .errors import AgdError, QuantizedWeightsError
 from .rules import (GATE_SHARE, KEY_SHARE, QUERY_SHARE, VALUE_SHARE, identity_rule, stop_gradient,
                     uniform_rule)
 
@@ -31,10 +31,6 @@ __all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm",
 Adapter = Spec
 ADAPTERS: dict[str, Spec] = ARCHITECTURES
 get_adapter = get_spec
-
-
-class QuantizedWeightsError(AgdError):
-    """The model holds packed quantised weights, which the attribution rules cannot read."""
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -317,7 +313,7 @@ def attnlrp(model: nn.Module, attention: str | None = None):
     if attention is None:
         attention = "eager" if model.config._attn_implementation == "eager" else "sdpa"
     if attention not in ("eager", "sdpa"):
-        raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
+        raise AgdError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
     name = register_attention(f"agd_attnlrp_{spec.name}_{attention}",
                               _lrp_attention(base_attention(spec, attention)), attention)
     rules = spec.module_rules(NORM_RULES[spec.norm.kind](spec.norm), MLP_RULES[spec.mlp.kind](spec.mlp))

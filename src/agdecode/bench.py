@@ -94,7 +94,7 @@ def _rules_prompts(tok, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _decode(model, mode: str, prompts: list, n_tokens: int, device: str) -> int:
     """Generate ``n_tokens`` for every prompt at once with ``mode``; return the number of guided steps.
     A prompt is token ids ``(T,)`` (ROI: its first quarter) or ``(ids, roi weights)``."""
-    from .decoding import AGDConfig, Decoder, Job, _engine_row, run
+    from .decoding import AGDConfig, Decoder, make_jobs, run
     from .roi import Region
     from .sources import left_pad
 
@@ -107,10 +107,7 @@ def _decode(model, mode: str, prompts: list, n_tokens: int, device: str) -> int:
                            min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
         return 0
     cfg = AGDConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, **MODES[mode])  # greedy-loop too
-    jobs = []
-    for p, roi in prompts:
-        region = Region("roi", roi)
-        jobs.append(Job(_engine_row(p, [region]), [region], max_new_tokens=n_tokens))
+    jobs = [job for p, roi in prompts for job in make_jobs(model, None, cfg, [p], regions=[Region("roi", roi)])]
     run(Decoder(model, None, cfg), jobs, len(jobs))
     return sum(s.reason == "attribution" for j in jobs for s in j.steps)
 

@@ -15,58 +15,24 @@ is only ever found by, and checked against, the model's own fingerprint.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from .errors import AgdError
-from .identity import model_identity, same_model
+from .calibration import (CalibrationError, calibrated_threshold, calibration_path, load_calibration,  # noqa: F401
+                          save_calibration, shipped_calibration_path)  # re-exported: agdecode.calibrate keeps them
+from .decoding import PAPER_ENTROPY_THRESHOLD, generate
+from .identity import model_identity
 from .models import dtype_name, input_device
+from .errors import AgdError
 
 __all__ = ["model_identity", "calibrate", "calibration_path", "shipped_calibration_path", "save_calibration",
            "load_calibration", "calibrated_threshold", "CalibrationError", "BIN_WIDTH", "DEFAULT_DATA"]
 
 BIN_WIDTH = 0.05  # nats per histogram bin
 DEFAULT_DATA = "rules-calibration"  # disjoint from the evaluated "rules" items
-
-
-class CalibrationError(AgdError):
-    """No calibration for this model, or one made for another model."""
-
-
-def _model_hint(model: nn.Module) -> str:
-    name = str(getattr(model.config, "_name_or_path", "") or "")
-    return "smollm2" if name.rstrip("/").endswith("smollm2-135m-instruct-fp32") else (name or "<model folder>")
-
-
-def calibration_path(model: nn.Module) -> Path:
-    """Where the calibration of ``model`` lives: ``<cache_dir>/calibration/<type>-<fingerprint>.json``.
-
-    Example:
-        >>> calibration_path(model).name
-        'llama-3f9c0a51d2e4a7b1.json'
-    """
-    from .models import cache_dir
-
-    ident = model_identity(model)
-    return cache_dir() / "calibration" / f"{ident['model_type']}-{ident['fingerprint'][:16]}.json"
-
-
-def shipped_calibration_path(model: nn.Module) -> Path:
-    """Where the package's own calibration of ``model`` would be: ``agdecode/data/calibration/<type>-<fp>.json``.
-
-    Only the built-in model has one; for any other model the path does not exist.
-
-    Example:
-        >>> shipped_calibration_path(model).is_file()   # the built-in SmolLM2
-        True
-    """
-    from importlib import resources
-
-    return Path(str(resources.files("agdecode") / "data" / "calibration")) / calibration_path(model).name
 
 
 def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, percentile: float = 80.0,
@@ -82,12 +48,11 @@ def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, p
         >>> record["threshold"] == float(np.percentile(h, 80))
         True
     """
-    from .decoding import PAPER_ENTROPY_THRESHOLD, generate
 
     if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+        raise AgdError(f"percentile must be in [0, 100], got {percentile!r}")
     if not conversations:
-        raise ValueError("the calibration set is empty")
+        raise AgdError("the calibration set is empty")
     entropies, start = [], time.perf_counter()
     batch_size = batch_size or (32 if input_device(model).type == "cuda" else 8)
     chunks = [conversations[i:i + 4 * batch_size] for i in range(0, len(conversations), 4 * batch_size)]
@@ -124,63 +89,6 @@ def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, p
         "seconds": round(time.perf_counter() - start, 1),
     }
     return record, h
-
-
-def save_calibration(record: dict, path: str | Path | None = None) -> Path:
-    """Write a calibration record (default: the model's :func:`calibration_path`), atomically.
-
-    Example:
-        >>> save_calibration(record)
-        PosixPath('/root/.cache/agdecode/calibration/llama-3f9c0a51d2e4a7b1.json')
-    """
-    if path is None:
-        from .models import cache_dir
-
-        m = record["model"]
-        path = cache_dir() / "calibration" / f"{m['model_type']}-{m['fingerprint'][:16]}.json"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    return path
-
-
-def load_calibration(model: nn.Module, path: str | Path | None = None) -> dict:
-    """The calibration record of ``model`` (from ``path``, else the user cache, else the package's shipped
-    file for the built-in model); refuses one made for another model.
-
-    Example:
-        >>> load_calibration(model)["threshold"]
-        3.49
-    """
-    explicit = path is not None
-    path = Path(path) if explicit else calibration_path(model)
-    if not explicit and not path.is_file() and shipped_calibration_path(model).is_file():
-        path = shipped_calibration_path(model)  # the user's own calibration wins; else the package's
-    if not path.is_file():
-        raise CalibrationError(
-            f"No entropy calibration for this model ({_model_hint(model)}) at {path}. "
-            f"Run `agd calibrate --model {_model_hint(model)}` first, or pass a number such as "
-            "entropy_threshold=1.734 (the paper's value).")
-    record = json.loads(path.read_text())
-    mine, theirs = model_identity(model), record.get("model", {})
-    if not same_model(theirs, model):
-        raise CalibrationError(
-            f"The calibration {path} was made for another model ({theirs.get('model_type')} "
-            f"{theirs.get('name_or_path')!r}, fingerprint {str(theirs.get('fingerprint'))[:12]}), not for this "
-            f"one ({mine['model_type']} {mine['name_or_path']!r}, fingerprint {mine['fingerprint'][:12]}). "
-            f"Run `agd calibrate --model {_model_hint(model)}`.")
-    return record
-
-
-def calibrated_threshold(model: nn.Module, path: str | Path | None = None) -> float:
-    """The calibrated entropy threshold (nats) of ``model``: what ``entropy_threshold="auto"`` uses.
-
-    Example:
-        >>> agdecode.generate(model, tok, messages, entropy_threshold="auto")  # uses this value
-    """
-    return float(load_calibration(model, path)["threshold"])
 
 
 def plot_histogram(record: dict, path: str | Path, title: str | None = None) -> Path:

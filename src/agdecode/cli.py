@@ -2,24 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
 
+from .checks import check_not_clobbering, check_writable, is_agd_json, threshold
 from .errors import AgdError
 from .models import DTYPE_HELP
 
-__all__ = ["main", "check_writable"]
+__all__ = ["main"]
 
 BUG_REPORT = ("agd: internal error: this is a bug in agdecode, not a problem with your input; please report it "
               "with the command you ran and the traceback above.")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
-    from .decoding import METHODS, AGDConfig
+    from .decoding import AGDConfig
     from .engines import ENGINES
+    from .methods import method_names
 
     d = AGDConfig()
     p.add_argument("prompt", nargs="?", default=None, help="the user message")
@@ -30,8 +32,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="'smollm2' (built-in SmolLM2-135M-Instruct), a local HF model folder, or a .gguf file")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--method", default=d.method, choices=list(METHODS),
-                   help="decoding method (default agd); cad, dola, steer, sample are the baselines (README)")
+    p.add_argument("--method", default=d.method, choices=list(method_names()),
+                   help="decoding method (default agd); cad, dola, steer, sample are the baselines, and any "
+                        "registered method (README, 'Adding a method')")
     p.add_argument("--roi", action="append", default=None,
                    help="region of interest: system (default), user, message:N, chars:A-B, tokens:I,J-K, "
                         "context, document:N, heads:parametric|in-context|FILE.json|L.H,...; combine with "
@@ -42,7 +45,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=d.k, help=f"number of top tokens considered (default {d.k})")
     p.add_argument("--min-prob", type=float, default=d.min_prob,
                    help=f"drop candidates below this probability (default {d.min_prob})")
-    p.add_argument("--entropy-threshold", type=_threshold, default=None,
+    p.add_argument("--entropy-threshold", type=threshold, default=None,
                    help="AGD_e: below this entropy (nats) take the greedy token; the paper uses 1.734; 'auto' = "
                         "this model's calibrated value (`agd calibrate`) (default: off)")
     p.add_argument("--attribution", default=d.attribution, choices=["lrp", "ixg"],
@@ -106,40 +109,9 @@ def _baseline_settings(args) -> dict:
     return {**settings, **{k: v for k, v in optional.items() if v is not None}}
 
 
-def _threshold(text: str):
-    """A number of nats, or 'auto' (the model's calibration from `agd calibrate`)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of nats or 'auto', got {text!r}")
-
-
 def _messages(args) -> list[dict]:
     msgs = [{"role": "system", "content": args.system}] if args.system else []
     return msgs + [{"role": "user", "content": args.prompt}]
-
-
-def check_writable(path: str | Path, what: str = "output", create_parents: bool = False) -> None:
-    """Refuse an output path that cannot be written, before any compute (the result would be lost).
-
-    With ``create_parents`` the writer makes missing folders, so the nearest existing one must be writable.
-
-    Example:
-        >>> check_writable("trace.json", "--json")
-    """
-    p = Path(path)
-    parent = p.parent
-    if p.is_dir():
-        raise AgdError(f"{what} {str(path)!r} is a directory; give a file name.")
-    if create_parents:
-        parent = next(a for a in p.absolute().parents if a.exists())
-    if not parent.is_dir():
-        state = "is not a directory" if parent.exists() else "does not exist"
-        raise AgdError(f"{what} {str(path)!r}: the directory {str(parent)!r} {state}.")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise AgdError(f"{what} {str(path)!r} is not writable.")
 
 
 def _read_documents(path: str) -> list:
@@ -159,6 +131,7 @@ def _check_generate_args(args) -> dict:
     """Everything that can be checked without the model, checked before it loads; returns the documents."""
     from .decoding import AGDConfig
     from .heads import parse_head_spec
+    from .methods import get_method
     from .roi import parse_rois
 
     if args.input is not None:
@@ -167,13 +140,17 @@ def _check_generate_args(args) -> dict:
                            "--system, --documents and --compare")
         if args.output != "-":
             check_writable(args.output, "--output")
+            out = Path(args.output)
+            if out.is_file() and out.stat().st_size and not out.with_name(out.name + ".agd.json").is_file():
+                raise AgdError(f"--output {out} exists and was not written by `agd generate --input` (no "
+                               f"{out.name}.agd.json beside it): it is kept as it is; choose another --output.")
     elif args.prompt is None:
         raise AgdError('give the user message, e.g. agd generate "Tell me about cats." '
                        '--system "Always answer in French." (see agd generate --help), or --input FILE.jsonl')
     if args.batch_size is not None and args.batch_size < 1:
         raise AgdError(f"--batch-size must be at least 1, got {args.batch_size}")
     rois = args.roi or ["system"]
-    if args.input is None and not args.system and not args.roi and (args.compare or args.method in ("agd", "cad")):
+    if args.input is None and not args.system and not args.roi and (args.compare or get_method(args.method).uses_roi):
         raise AgdError("the default ROI is the system message, and there is none: pass one with --system "
                        "(e.g. --system \"Always answer in French.\") or choose another ROI with --roi (e.g. user).")
     for expr in parse_rois(rois):
@@ -193,8 +170,12 @@ def _check_generate_args(args) -> dict:
             raise
         except ValueError as e:  # the settings' own checks, worded for the API: still a bad input here
             raise AgdError(str(e)) from None
+    if args.json is not None and not args.json.strip():
+        raise AgdError("--json needs a file name (or - for standard output)")
     if args.json and args.json != "-":
         check_writable(args.json, "--json")
+        check_not_clobbering(args.json, "--json", own=lambda p: is_agd_json(p, "token_ids"),
+                             inputs=(args.input, args.documents))
     return {"documents": _read_documents(args.documents)} if args.documents else {}
 
 
@@ -234,7 +215,11 @@ def read_conversations(path: str) -> list[dict]:
         if docs is not None and not isinstance(docs, list):
             bad.append(f"line {n}: 'documents' must be a list of {{'title', 'text'}}")
             continue
-        out.append({"id": str(item.get("id", n)), "messages": msgs, "documents": docs})
+        cid = item.get("id", n)
+        if isinstance(cid, bool) or not isinstance(cid, (str, int)) or cid == "":
+            bad.append(f"line {n}: 'id' must be a non-empty string or an integer, got {json.dumps(cid)[:40]}")
+            continue
+        out.append({"id": str(cid), "messages": msgs, "documents": docs})
     if bad:
         raise AgdError(f"--input {path}: {len(bad)} bad line(s): " + "; ".join(bad[:5])
                        + (" ..." if len(bad) > 5 else ""))
@@ -252,21 +237,18 @@ def _generate_many(args, model, tok, settings: dict) -> int:
     from . import generate
 
     convs = read_conversations(args.input)
-    done = set()
-    if args.output != "-" and Path(args.output).is_file():  # resume: keep the complete lines that are there
-        kept = []
-        for line in Path(args.output).read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(json.loads(line)["id"])
-                kept.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line torn by an interrupted run: dropped, that conversation runs again
-        Path(args.output).write_text("".join(kept), encoding="utf-8")
-    todo = [c for c in convs if c["id"] not in done]
     cfg = resolve_config(model, tok, **settings)
+    done = set() if args.output == "-" else _resume(Path(args.output), convs, cfg, model)
+    todo = [c for c in convs if c["id"] not in done]
     make_jobs(model, tok, cfg, [c["messages"] for c in todo], [c["documents"] for c in todo])  # every input checked
     batch = args.batch_size or (32 if str(args.device).startswith("cuda") else 8)
+    from tqdm import tqdm
+
     out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
+    if done and not quiet():
+        print(f"{len(done)} of {len(convs)} conversations already in {args.output}", file=sys.stderr)
+    bar = tqdm(total=len(todo), unit="conv", desc="agd generate", file=sys.stderr, dynamic_ncols=True,
+               disable=quiet() or not todo)  # with an ETA
     try:
         for start in range(0, len(todo), 4 * batch):
             part = todo[start:start + 4 * batch]
@@ -275,12 +257,74 @@ def _generate_many(args, model, tok, settings: dict) -> int:
             for c, r in zip(part, results):
                 out.write(json.dumps({"id": c["id"], **r.to_dict()}, ensure_ascii=False) + "\n")
             out.flush()
-            print(f"{min(start + len(part), len(todo))}/{len(todo)} conversations done"
-                  + (f" ({len(done)} already in {args.output})" if done else ""), file=sys.stderr)
+            bar.update(len(part))
     finally:
+        bar.close()
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+def _resume(out: Path, convs: list[dict], cfg, model) -> set[str]:
+    """The ids already in ``out``, made from the same input and settings (checked through the sidecar
+    ``OUT.agd.json``); a new output gets its sidecar. Nothing is ever deleted but a torn last line.
+
+    Refused, naming the problem: an output without a sidecar (not ours), one made from other input
+    conversations or with other settings, a line that is not a result of this input (other than a
+    torn last line, which an interrupted run leaves and which is cut off).
+    """
+    from .identity import model_identity
+    from .models import dtype_name
+
+    sidecar = out.with_name(out.name + ".agd.json")
+    made_from = {"input_sha256": hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest(),
+                 "settings": json.loads(json.dumps(cfg.to_dict(), default=str)),
+                 "model": model_identity(model)["fingerprint"], "dtype": dtype_name(model.dtype)}
+    if not out.exists() or out.stat().st_size == 0:
+        check_not_clobbering(sidecar, "the sidecar", own=lambda p: is_agd_json(p, "input_sha256"))
+        sidecar.write_text(json.dumps(made_from, indent=1), encoding="utf-8")
+        return set()
+    if not sidecar.is_file():
+        raise AgdError(f"--output {out} exists and was not written by `agd generate --input` (no {sidecar.name} "
+                       "beside it): it is kept as it is; choose another --output.")
+    try:
+        before = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AgdError(f"{sidecar}: cannot read it ({e}); choose another --output") from None
+    keys = sorted(k for k in made_from["settings"] if (before.get("settings") or {}).get(k) != made_from["settings"][k])
+    differs = [what for key, what in (("input_sha256", "from other input conversations"),
+                                      ("settings", f"with other settings ({', '.join(keys)})"),
+                                      ("model", "with another model"), ("dtype", f"in another dtype ({before.get('dtype')})"))
+               if before.get(key) != made_from[key]]
+    if differs:
+        raise AgdError(f"--output {out} was made {' and '.join(differs)} than this run: resuming would mix them; "
+                       "choose another --output.")
+    ids, done = {c["id"] for c in convs}, set()
+    data = out.read_bytes()
+    lines = data.split(b"\n")
+    offset = 0
+    for n, line in enumerate(lines, 1):
+        last = n == len(lines) or (n == len(lines) - 1 and lines[-1] == b"")
+        try:
+            rid = json.loads(line)["id"] if line.strip() else None
+            if rid is not None and rid not in ids:
+                raise ValueError(f"id {rid!r} is not in --input")
+        except (ValueError, KeyError, TypeError) as e:
+            if last and not data.endswith(b"\n"):  # an interrupted run's torn last line: cut it off
+                with open(out, "r+b") as f:
+                    f.truncate(offset)
+                print(f"{out}: an incomplete last line (interrupted run) was removed", file=sys.stderr)
+                break
+            raise AgdError(f"--output {out}, line {n}: not a result of this input ({e}); it is kept as it is. "
+                           "Choose another --output.") from None
+        if rid is not None:
+            done.add(rid)
+        offset += len(line) + 1
+    else:
+        if not data.endswith(b"\n"):  # a complete last line without its newline: the next result starts a line
+            with open(out, "ab") as f:
+                f.write(b"\n")
+    return done
 
 
 def _write_json(path: str, payload) -> None:
@@ -346,12 +390,28 @@ def cmd_steer_fit(args) -> int:
     if args.layer is not None and args.layer < 0:
         raise AgdError(f"--layer must be >= 0, got {args.layer}")
     check_writable(args.out, "--out")
+    out = Path(args.out).with_suffix(".safetensors")
+    for path in (out, out.with_suffix(".json")):  # both are written; neither may hold something else
+        check_not_clobbering(path, "--out", own=_is_steering_file, inputs=(args.prompts,))
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = fit_steering_vector(model, tok, prompts, args.instruction, layer=args.layer, placement=args.placement)
     path = vector.save(args.out)
     print(f"steering vector for layer {vector.layer} from {len(prompts)} prompts written to {path} "
           f"(metadata: {path.with_suffix('.json')})")
     return 0
+
+
+def _is_steering_file(path: Path) -> bool:
+    """A vector or its metadata as ``agd steer fit`` writes them (safe to rewrite by fitting again)."""
+    if path.suffix == ".json":
+        return is_agd_json(path, "instruction") and is_agd_json(path, "layer")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return "agdecode" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
 
 
 def register_steer(sub) -> None:
@@ -414,24 +474,61 @@ COMMANDS = [register_generate, register_report, register_steer, register_heads, 
             register_serve]
 
 
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose and -q/--quiet on every (sub)command, so they go wherever the user types them."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbosity(child)
+    if not any("--quiet" in a.option_strings for a in parser._actions):
+        g = parser.add_mutually_exclusive_group()
+        g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=argparse.SUPPRESS,
+                       help="more output: agdecode's log and transformers' warnings")
+        g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                       default=argparse.SUPPRESS, help="less output: no progress bars or notes")
+
+
+_QUIET = False  # set by main() for the command it runs
+
+
+def quiet() -> bool:
+    """Whether ``agd -q`` asked for no progress output (read by the commands' progress bars)."""
+    return _QUIET
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``agd``.
 
     Example:
         $ agd generate "What is the capital of Japan?" --system "Always answer in French." --compare
     """
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="agd", description="Attribution-Guided Decoding for Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"agd (agdecode) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in COMMANDS:
         register(sub)
+    _add_verbosity(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed usage and the error (status 2), or --help (status 0)
         return e.code if isinstance(e.code, int) else 2
+    import logging
+
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # keep loader chatter and progress bars out of the output
-    hf_logging.disable_progress_bar()
+    verbosity = getattr(args, "verbosity", 0)
+    if verbosity > 0:  # -v: agdecode's own log (model loading, batches), transformers' warnings
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        hf_logging.set_verbosity_warning()
+    else:
+        hf_logging.set_verbosity_error()  # keep loader chatter and progress bars out of the output
+        hf_logging.disable_progress_bar()
+    global _QUIET
+    _QUIET = verbosity < 0  # -q: no progress bars or notes, only results and errors
+    if _QUIET and hasattr(args, "no_progress"):
+        args.no_progress = True
     try:
         return args.func(args)
     except AgdError as e:  # written for people: one line, no traceback

@@ -13,6 +13,7 @@ freeing their cache rows: :class:`Decoder` is that loop, :func:`generate` the AP
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -21,25 +22,23 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .baselines import BASELINES, DOLA_REPETITION_PENALTY, baseline_row, describe_vector, make_source, validate_settings
+from .baselines import describe_vector, validate_settings
+from .calibration import calibrated_threshold
 from .baselines.sampling import Sampler
-from .engines import ATTRIBUTIONS, ENGINES, make_engine
-from .errors import AgdError
+from .engines import ATTRIBUTIONS, ENGINES
+from .errors import AgdError, NonFiniteLogitsError
+from .methods import get_method, method_names
 from .models import dtype_name, input_device
+from .policies import Choice, View
 from .roi import ROI, Prompt, Region, parse_rois, render_prompt, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
 
-__all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "run", "generate", "generate_ids", "compare", "entropy", "NonFiniteLogitsError",
-           "METHODS"]
+__all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "run", "generate", "generate_ids", "compare",
+           "entropy", "NonFiniteLogitsError"]
 
-METHODS = ("agd", "greedy") + BASELINES
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-
-
-class NonFiniteLogitsError(FloatingPointError, AgdError):
-    """The model produced NaN or infinite logits."""
 
 
 def _int(x) -> bool:
@@ -79,8 +78,7 @@ class AGDConfig:
     seed: int = 0  # sample
 
     def validate(self) -> "AGDConfig":
-        if self.method not in METHODS:
-            raise AgdError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = get_method(self.method)  # MethodError (an AgdError) for an unknown name
         if not _int(self.k) or self.k < 1:
             raise AgdError(f"k must be an integer >= 1, got {self.k!r}")
         if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)) \
@@ -115,6 +113,11 @@ class AGDConfig:
             raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {got}")
         parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
         validate_settings(self)
+        for other in method_names():  # a setting only another method reads is a mistake worth a word
+            for name in get_method(other).owns if other != self.method else ():
+                if getattr(self, name) is not None:
+                    raise AgdError(f"{name} is only used by method={other!r}, but method={self.method!r}")
+        method.validate(self)
         return self
 
     def roi_list(self) -> list:
@@ -144,108 +147,6 @@ def entropy(logits: torch.Tensor) -> float | torch.Tensor:
     return float(h) if logits.dim() == 1 else h
 
 
-# --- policies: each decides the rows still undecided, in order -------------------------------------
-
-@dataclass
-class View:
-    """What the policies see of one step: the processed next-token distribution of every live row."""
-
-    logits: torch.Tensor    # (B, V) after the logits processors
-    top_p: torch.Tensor     # (B, k) probabilities of the top-k tokens, descending
-    top_i: torch.Tensor     # (B, k) their ids
-    entropy: torch.Tensor   # (B,) nats
-    jobs: list              # the live jobs, in row order
-
-
-@dataclass
-class Choice:
-    """The next token of every live row, filled in by the policies."""
-
-    chosen: torch.Tensor                      # (B,) token ids, -1 = undecided
-    reasons: list[str | None]
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> ROI scores (R, n_candidates)
-    info: dict[int, dict] = field(default_factory=dict)            # row -> what a policy computed
-
-    def undecided(self) -> list[int]:
-        return [i for i, r in enumerate(self.reasons) if r is None]
-
-    def set(self, rows: list[int], tokens: torch.Tensor, reason: str) -> None:
-        for i, t in zip(rows, tokens.reshape(-1).tolist()):
-            self.chosen[i], self.reasons[i] = t, reason
-
-
-class Greedy:
-    """The most probable token (of the model, or of a baseline's scores: then ``reason`` is its name)."""
-
-    def __init__(self, reason: str = "greedy"):
-        self.reason = reason
-
-    def __call__(self, v: View, choice: Choice, src: Source) -> None:
-        rows = choice.undecided()
-        choice.set(rows, v.top_i[rows, 0], self.reason)
-
-
-class EntropyGate:
-    """AGD_e: below ``threshold`` nats the model is sure enough; emit its greedy token."""
-
-    def __init__(self, threshold: float):
-        self.threshold = threshold
-
-    def __call__(self, v: View, choice: Choice, src: Source) -> None:
-        rows = [i for i in choice.undecided() if v.entropy[i] < self.threshold]
-        choice.set(rows, v.top_i[rows, 0], "gate")
-
-
-class AttributionChoice:
-    """The candidate (top-k, p >= min_prob) whose logit depends most on the first ROI."""
-
-    def __init__(self, min_prob: float):
-        self.min_prob = min_prob
-
-    def __call__(self, v: View, choice: Choice, src: Source) -> None:
-        rows = choice.undecided()
-        n = dict(zip(rows, (v.top_p[rows] >= self.min_prob).sum(1).tolist()))  # candidates: a prefix of top-k
-        for reason, few in (("no-candidate", 0), ("single", 1)):
-            these = [i for i in rows if n[i] == few]
-            choice.set(these, v.top_i[these, 0], reason)
-        guided = [i for i in rows if n[i] > 1]
-        if not guided:
-            return
-        scores = src.scores(v.top_i[guided], torch.tensor(guided)).float().cpu()    # (n, R, k)
-        for i, s in zip(guided, scores):
-            s = s[:, : n[i]]
-            # Candidates are sorted by probability and argmax returns the first maximum: ties go
-            # to the more probable token.
-            best = int(s[0].argmax())
-            choice.chosen[i], choice.reasons[i], choice.scores[i] = int(v.top_i[i, best]), "attribution", s
-
-
-class Sample:
-    """Temperature + top-p sampling, one seeded generator per job (a job samples as it would alone)."""
-
-    def __init__(self, temperature: float, top_p: float, seed: int):
-        self.settings = (temperature, top_p, seed)
-
-    def __call__(self, v: View, choice: Choice, src: Source) -> None:
-        for i in choice.undecided():
-            job = v.jobs[i]
-            if job.sampler is None:  # the generator lives with its job: a new job starts from the seed
-                job.sampler = Sampler(*self.settings)
-            sampler = job.sampler
-            choice.chosen[i], choice.reasons[i] = sampler(v.logits[i]), "sample"
-            choice.info[i] = sampler.info()
-
-
-def policies(config: AGDConfig) -> list:
-    """The policy chain of a method: what decides each row's next token, in order."""
-    if config.method == "agd":
-        gate = [] if config.entropy_threshold is None else [EntropyGate(config.entropy_threshold)]
-        return gate + [AttributionChoice(config.min_prob)]
-    if config.method == "sample":
-        return [Sample(config.temperature, config.top_p, config.seed)]
-    return [Greedy(config.method)]  # greedy, or a baseline whose source already applied the method
-
-
 def logits_processors(config: AGDConfig, extra=None):
     """transformers' processors for the config's shortcuts, then the caller's ``logits_processor``."""
     from transformers import LogitsProcessorList
@@ -254,8 +155,8 @@ def logits_processors(config: AGDConfig, extra=None):
 
     procs = LogitsProcessorList()
     penalty = config.repetition_penalty
-    if penalty is None and config.method == "dola":
-        penalty = DOLA_REPETITION_PENALTY
+    if penalty is None:
+        penalty = get_method(config.method).repetition_penalty
     if penalty is not None and penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(penalty))
     if config.no_repeat_ngram_size:
@@ -278,11 +179,14 @@ class Job:
     prompt: Prompt | None = None
     max_new_tokens: int = 128
     stopping: list = field(default_factory=list)       # transformers StoppingCriteria, called per row
+    processors: list = field(default_factory=list)     # this row's own LogitsProcessors, after the decoder's
     on_token: Callable[[int], None] | None = None      # called with each emitted token id (streaming)
     steps: list[Step] = field(default_factory=list)
     out_ids: list[int] = field(default_factory=list)
     relevance: dict[int, list[float]] = field(default_factory=dict)
-    finish_reason: str | None = None                   # "stop" (EOS / stop string / criterion), "length", "cancelled"
+    finish_reason: str | None = None                   # "stop" (EOS / stop string / criterion), "length", "cancelled",
+                                                       # "error" (then ``error`` says why; the other rows go on)
+    error: BaseException | None = None
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     sampler: Sampler | None = None                     # method "sample": this job's seeded generator
@@ -294,6 +198,9 @@ class Decoder:
     ``generate`` uses it with a fixed list of conversations; a server adds requests as they arrive.
     Sources patch the model only during each call, so decoders with other settings can take turns
     on one model, step by step. ``eos_ids`` (default: the model's and tokenizer's) end a sequence.
+    The source (default: the config's method's) is made at the first ``add``, from the jobs: an
+    attribution engine needs the number of ROIs and whether any is a head set; every later job must
+    have the same. Use the decoder as a context manager (``with``, or ``contextlib.ExitStack``).
 
     Example:
         >>> with Decoder(model, tok, AGDConfig(max_new_tokens=32)) as dec:
@@ -303,38 +210,83 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: AGDConfig, source: Source | None = None,
-                 logits_processor=None, n_rois: int = 1, heads: bool = False, eos_ids: set[int] | None = None):
+                 logits_processor=None, eos_ids: set[int] | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.source = source if source is not None else (
-            make_engine(config.engine, model, n_rois, config.attribution, heads) if config.method == "agd"
-            else make_source(config, model))
-        self.policies = policies(config)
+        self.method = get_method(config.method)
+        self.source = source
+        self.shape: tuple[int, bool] | None = None  # (ROIs per row, head ROIs?) the source was made for
+        self.policies = self.method.policies(config)
         self.processors = logits_processors(config, logits_processor)
         self.eos = _eos_ids(model, tokenizer) if eos_ids is None else set(eos_ids)
         self.decode = tokenizer.decode if tokenizer is not None else (lambda ids, **kw: "")
         self.jobs: list[Job] = []
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live jobs
+        self._open = False
 
     def __enter__(self) -> "Decoder":
-        self.source.__enter__()
+        self._open = True
+        if self.source is not None:
+            self.source.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.source.__exit__(*exc)
+        self._open = False
+        self.jobs, self.logits = [], None
+        if self.source is not None:
+            self.source.__exit__(*exc)
+
+    @staticmethod
+    def _shape(job: Job) -> tuple[int, bool]:
+        w = job.row.token_weights
+        return (1 if w is None else w.shape[0]), job.row.head_weights is not None
+
+    def _ensure_source(self, jobs: Sequence[Job]) -> None:
+        shapes = {self._shape(j) for j in jobs} | ({self.shape} if self.shape is not None else set())
+        if len(shapes) > 1:
+            raise AgdError(f"one decoder decodes rows of one ROI layout; got (ROIs, head ROI) = {sorted(shapes)}")
+        if self.shape is None:
+            self.shape = shapes.pop()
+        if self.source is None:
+            source = self.method.source(self.config, self.model, *self.shape)
+            if self._open:
+                source.__enter__()  # may refuse the model (e.g. packed weights): then nothing is open
+            self.source = source
 
     def add(self, jobs: Sequence[Job]) -> None:
         """Prefill ``jobs`` and let them join the batch at this step boundary."""
-        logits = self.source.prefill([j.row for j in jobs])
+        self._ensure_source(jobs)
+        try:
+            logits = self.source.prefill([j.row for j in jobs])
+        except BaseException:
+            # A prefill that failed part-way may have appended some of its rows: keep exactly the
+            # live ones, so the batch stays as it was (a server retries the others one by one).
+            with contextlib.suppress(Exception):  # nothing was added (no cache yet): nothing to undo
+                self.source.keep(torch.arange(len(self.jobs)))
+            raise
         self.logits = logits if self.logits is None or not self.jobs else torch.cat([self.logits, logits])
         self.jobs += list(jobs)
 
     def step(self) -> list[Job]:
-        """Emit one token for every live job; return the jobs that finished (and left the batch)."""
-        jobs, logits = self.jobs, self._process(self.logits)                   # (B, V)
+        """Emit one token for every live job; return the jobs that finished (and left the batch).
+
+        A row whose logits are broken (NaN, +inf, nothing finite) or whose own processor raises
+        finishes with ``finish_reason="error"`` and ``job.error``; the other rows go on unchanged."""
+        logits = self._process(self.logits)                                     # (B, V)
         bad = ~(logits.isfinite().any(-1)) | logits.isnan().any(-1) | logits.isposinf().any(-1)
-        if bad.any():  # -inf is a legitimate mask (DoLa); NaN, +inf or nothing finite is a broken model
-            raise NonFiniteLogitsError(f"The model produced NaN/inf logits at step {len(jobs[int(bad.nonzero()[0])].steps)}; "
-                                       "check the model weights and dtype (fp16 overflows are a common cause).")
+        for i in bad.nonzero().flatten().tolist():  # -inf is a legitimate mask (DoLa); NaN/+inf a broken model
+            self.jobs[i].error = self.jobs[i].error or NonFiniteLogitsError(
+                f"The model produced NaN/inf logits at step {len(self.jobs[i].steps)}; check the model "
+                "weights and dtype (fp16 overflows are a common cause).")
+        failed = [j for j in self.jobs if j.error is not None]
+        if failed:
+            keep = [i for i, j in enumerate(self.jobs) if j.error is None]
+            self.remove(failed)
+            logits = logits[keep]
+            for j in failed:
+                j.finish_reason = "error"
+            if not self.jobs:
+                return failed
+        jobs = self.jobs
         probs = torch.softmax(logits.float(), dim=-1)
         top_p, top_i = probs.topk(self.config.k, dim=-1)                         # (B, k)
         view = View(logits, top_p, top_i, entropy(logits), jobs)
@@ -350,16 +302,32 @@ class Decoder:
         self.jobs = [jobs[i] for i in live]
         if self.jobs:
             self.logits = self.source.step(choice.chosen[live])
-        return [j for j, d in zip(jobs, done) if d]
+        return failed + [j for j, d in zip(jobs, done) if d]
+
+    def remove(self, jobs: Sequence[Job]) -> None:
+        """Take ``jobs`` out of the batch between steps (failed, cancelled from outside), freeing their rows."""
+        gone = {id(j) for j in jobs}
+        keep = [i for i, j in enumerate(self.jobs) if id(j) not in gone]
+        if len(keep) == len(self.jobs):
+            return
+        self.logits = self.logits[keep] if self.logits is not None and keep else None
+        self.jobs = [self.jobs[i] for i in keep]
+        if self.source is not None:
+            self.source.keep(torch.tensor(keep, dtype=torch.long))
 
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits processors, per row on that row's own tokens (padding never counts as a repeat)."""
-        if not self.processors:
+        """The logits processors, per row on that row's own tokens (padding never counts as a repeat):
+        the decoder's, then the row's own."""
+        if not self.processors and not any(j.processors for j in self.jobs):
             return logits
         out = logits.float().clone()
         for i, job in enumerate(self.jobs):
-            ids = torch.cat([job.row.input_ids, torch.tensor(job.out_ids, dtype=torch.long)])[None]
-            out[i] = self.processors(ids.to(logits.device), out[i : i + 1])[0]
+            ids = torch.cat([job.row.input_ids, torch.tensor(job.out_ids, dtype=torch.long)])[None].to(logits.device)
+            try:
+                for proc in (*self.processors, *job.processors):
+                    out[i] = proc(ids, out[i : i + 1])[0]
+            except Exception as e:  # this row's processor failed: this row ends, the batch goes on
+                job.error = e
         return out
 
     def _record(self, i: int, job: Job, choice: Choice, top_p, top_i, h: float) -> None:
@@ -434,6 +402,9 @@ def run(decoder: Decoder, jobs: Sequence[Job], batch_size: int) -> list[Job]:
                 decoder.add(pending[i : i + free])
                 i += free
             decoder.step()
+    for job in jobs:
+        if job.error is not None:  # the other rows finished; the first failure is the caller's answer
+            raise job.error
     return list(jobs)
 
 
@@ -552,8 +523,7 @@ def generate(
     cfg = resolve_config(model, tokenizer, config, **settings)
     jobs = make_jobs(model, tokenizer, cfg, convs, docs, stopping_criteria, names=not single,
                      chat_template_kwargs=chat_template_kwargs)
-    decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor, n_rois=len(cfg.roi_list()),
-                      heads=any(r.heads is not None for j in jobs for r in j.rois))
+    decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor)
     return _results(decoder, jobs, batch_size or _default_batch_size(model), streamer, single)
 
 
@@ -577,8 +547,6 @@ def resolve_config(model: nn.Module, tokenizer, config: AGDConfig | None = None,
     """
     cfg = make_config(config, **settings)
     if cfg.entropy_threshold == "auto":  # resolved per model, so a calibration is never used for another
-        from .calibrate import calibrated_threshold
-
         cfg = replace(cfg, entropy_threshold=calibrated_threshold(model))
     vocab = _vocab_size(model)
     if vocab is not None and cfg.k > vocab:
@@ -589,32 +557,42 @@ def resolve_config(model: nn.Module, tokenizer, config: AGDConfig | None = None,
 
 
 def make_jobs(model: nn.Module, tokenizer, cfg: AGDConfig, conversations: Sequence, documents: Sequence | None = None,
-              stopping_criteria=None, names: bool = True, chat_template_kwargs: dict | None = None) -> list[Job]:
-    """Render, check and resolve every conversation (one :class:`Job` each) before any compute.
+              stopping_criteria=None, names: bool = True, chat_template_kwargs: dict | None = None,
+              regions: Sequence[Region] | None = None, prompt: Prompt | None = None) -> list[Job]:
+    """The one job builder: every conversation (or token id sequence) checked and resolved into a
+    :class:`Job` before any compute. Used by ``generate``, ``generate_ids``, ``agdecode.hf``, the
+    server, ``agd bench`` and ``agd eval``.
 
-    Everything that can fail on the input (templates, ROIs, lengths, CAD's prompt without the ROI)
-    fails here, naming the conversation when ``names``.
+    A conversation is a list of ``{"role", "content"}`` messages or a raw string (rendered with the
+    tokenizer's chat template); it may also be a 1-D tensor of token ids, whose ROIs are then the
+    already resolved ``regions`` (one set for every id sequence; ``prompt`` describes them when
+    there is one). Everything that can fail on the input (templates, ROIs, lengths, CAD's prompt
+    without the ROI) fails here, naming the conversation when ``names``.
 
     Example:
-        >>> jobs = make_jobs(model, tok, resolve_config(model, tok), [messages])
+        >>> cfg = resolve_config(model, tok)
+        >>> jobs = make_jobs(model, tok, cfg, [messages])
         >>> with Decoder(model, tok, cfg) as dec: dec.add(jobs); ...
     """
+    method = get_method(cfg.method)
     documents = [None] * len(conversations) if documents is None else documents
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise AgdError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
-    prompts = [render_prompt(tokenizer, c, documents=d, chat_template_kwargs=chat_template_kwargs)
-               for c, d in zip(conversations, documents)]
-    for n, p in enumerate(prompts):
-        _check_length(model, len(p), cfg.max_new_tokens, f"Conversation {n}'s prompt" if names else "The prompt")
-    if cfg.method == "agd":
-        regions = [[resolve_region(r, p, model) for r in cfg.roi_list()] for p in prompts]
-        rows = [_engine_row(p.input_ids[0], rs) for p, rs in zip(prompts, regions)]
-    else:
-        regions = [[] for _ in prompts]
-        rows = [baseline_row(cfg, tokenizer, p, messages=c if not isinstance(c, str) else None, documents=d)
-                for p, c, d in zip(prompts, conversations, documents)]
-    return [Job(row, rs, p, cfg.max_new_tokens, _stopping(cfg, tokenizer, stopping_criteria))
-            for row, rs, p in zip(rows, regions, prompts)]
+    jobs = []
+    for n, (conv, docs) in enumerate(zip(conversations, documents)):
+        which = f"Conversation {n}'s prompt" if names else "The prompt"
+        if isinstance(conv, torch.Tensor):  # token ids, ROIs resolved by the caller
+            p, ids, rs, conv = prompt, conv.reshape(-1), list(regions or []), None
+        else:
+            p = render_prompt(tokenizer, conv, documents=docs, chat_template_kwargs=chat_template_kwargs)
+            ids, conv = p.input_ids[0], conv if not isinstance(conv, str) else None
+            rs = [resolve_region(r, p, model) for r in cfg.roi_list()] if method.guided else []
+        _check_length(model, len(ids), cfg.max_new_tokens, which)
+        if method.guided and not rs:
+            raise AgdError(f"method {cfg.method!r} scores candidates over ROIs: pass regions with the token ids")
+        row = method.row(cfg, tokenizer, p, ids, rs, messages=conv, documents=docs)
+        jobs.append(Job(row, rs, p, cfg.max_new_tokens, _stopping(cfg, tokenizer, stopping_criteria)))
+    return jobs
 
 
 def _documents_per_conversation(documents, n: int, single: bool) -> list:
@@ -638,15 +616,6 @@ def _stopping(cfg: AGDConfig, tokenizer, stopping_criteria) -> list:
 
         criteria.append(StopStringCriteria(tokenizer, list(cfg.stop_strings)))
     return criteria
-
-
-def _engine_row(input_ids: torch.Tensor, regions: Sequence[Region]) -> Row:
-    """An attribution engine's row: the token weights ``(R, T)`` and head weights ``(R, L, H)`` of the ROIs."""
-    heads = None
-    if any(r.heads is not None for r in regions):
-        shape = next(r.heads.shape for r in regions if r.heads is not None)
-        heads = torch.stack([r.heads if r.heads is not None else torch.zeros(shape) for r in regions])
-    return Row(input_ids, torch.stack([r.tokens for r in regions]), heads)
 
 
 def generate_ids(
@@ -677,10 +646,8 @@ def generate_ids(
     seqs = [input_ids.reshape(-1)] if single else [t.reshape(-1) for t in input_ids]
     if isinstance(rois, dict):
         rois = [Region(n, m.float()) for n, m in rois.items()]
-    rows = [_engine_row(s, rois) if config.method == "agd" else Row(s) for s in seqs]
-    decoder = Decoder(model, tokenizer, config, source, n_rois=max(1, len(rois)),
-                      heads=any(r.heads is not None for r in rois))
-    jobs = [Job(row, list(rois), prompt if single else None, config.max_new_tokens) for row in rows]
+    jobs = make_jobs(model, tokenizer, config, seqs, regions=list(rois), prompt=prompt if single else None)
+    decoder = Decoder(model, tokenizer, config, source)
     return _results(decoder, jobs, batch_size or _default_batch_size(model), streamer, single)
 
 

@@ -167,7 +167,7 @@ def plot_heads(result: dict, path: str | Path) -> Path:
 
 
 def cmd_discover(args) -> int:
-    from .cli import check_writable
+    from .checks import check_writable
     from .models import load_model
 
     if args.n_items < 2:
@@ -189,7 +189,7 @@ def cmd_discover(args) -> int:
 
 
 def register_heads(sub) -> None:
-    from .eval.cli import positive_int
+    from .checks import positive_int
     from .models import DTYPE_HELP
     p = sub.add_parser("heads", help="attention-head ROIs: discover parametric / in-context heads")
     hs = p.add_subparsers(dest="heads_command", required=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .identity import model_key, same_model  # model_key re-exported
-from .roi import ROIError
+from .errors import ROIError
 
 __all__ = ["head_mask", "model_key", "parse_head_spec", "read_head_file", "shipped_heads", "KINDS"]
 

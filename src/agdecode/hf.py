@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .decoding import Decoder, Job, _engine_row, resolve_config, run
+from .decoding import Decoder, Job, make_jobs, resolve_config, run
 from .errors import AgdError
 from .roi import Prompt, Region, ROIError, render_prompt, resolve_region
 from .sources import left_pad
@@ -166,12 +166,11 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
     settings = {n: v for n, v in zip(_SETTINGS, (k, min_prob, entropy_threshold, attribution, engine)) if v is not None}
     cfg = resolve_config(model, tokenizer, roi=roi if roi is not None else "mask", max_new_tokens=max_new, **settings)
     criteria = [c for c in stopping_criteria if type(c).__name__ != "MaxLengthCriteria"]  # = each job's max_new_tokens
-    jobs = [Job(_engine_row(s, rs), rs, p, max_new, criteria) for s, rs, p in zip(seqs, regions, prompts)]
+    jobs = [make_jobs(model, tokenizer, cfg, [s], stopping_criteria=criteria, regions=rs, prompt=p)[0]
+            for s, rs, p in zip(seqs, regions, prompts)]
     rows = _PerRow(_processors(logits_processor, gen), jobs, pads, gen.return_dict_in_generate and gen.output_scores,
                    gen.return_dict_in_generate and gen.output_logits)
-    decoder = Decoder(model, tokenizer, cfg, logits_processor=[rows], n_rois=len(regions[0]),
-                      heads=any(r.heads is not None for rs in regions for r in rs))
-    rows.decoder = decoder
+    decoder = Decoder(model, tokenizer, cfg)
     if streamer is not None:
         jobs[0].on_token = lambda t: streamer.put(torch.tensor([t]))
     run(decoder, jobs, batch_size or batch)
@@ -329,37 +328,22 @@ def _for_row(p, i: int, pad: int):
 
 
 class _PerRow:
-    """transformers' processors, one adjusted copy per row; also keeps each row's scores when asked.
-
-    The decoding loop calls its processors once per live sequence per step, on that sequence's
-    tokens; the sequence is found among the decoder's live jobs by its tokens (identical
-    sequences are told apart by which one was already processed at this step).
-    """
+    """transformers' processors, one adjusted copy per row, given to each row's job (the decoding
+    loop calls a job's processors on that row's own tokens); also keeps each row's logits and
+    scores when ``generate`` asked for them."""
 
     def __init__(self, processors: list, jobs: list[Job], pads: list[int], keep_scores: bool, keep_logits: bool):
         from transformers import LogitsProcessorList
 
-        self.lists = [LogitsProcessorList(_for_row(p, i, pad) for p in processors) for i, pad in enumerate(pads)]
-        self.decoder: Decoder | None = None  # set once built: its live jobs are the candidates
-        self.index = {id(j): i for i, j in enumerate(jobs)}
-        self.served: dict[int, int] = {}  # row -> the step it was last processed at
         self.kept = {"scores": {} if keep_scores else None, "logits": {} if keep_logits else None}
+        for i, (job, pad) in enumerate(zip(jobs, pads)):
+            job.processors = [functools.partial(self._row, i, LogitsProcessorList(_for_row(p, i, pad)
+                                                                                  for p in processors))]
 
-    def _find(self, ids: torch.Tensor) -> int:
-        tokens = ids[0].tolist()
-        for job in self.decoder.jobs:
-            i, n = self.index[id(job)], len(job.out_ids)
-            if self.served.get(i) != n and len(job.row.input_ids) + n == len(tokens) \
-                    and job.row.input_ids.tolist() + job.out_ids == tokens:
-                self.served[i] = n
-                return i
-        raise RuntimeError("agdecode.hf: the decoding loop called the processors for a sequence it does not hold")
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        i = self._find(input_ids)
+    def _row(self, i: int, processors, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.kept["logits"] is not None:
             self.kept["logits"].setdefault(i, []).append(scores[0].detach().clone())
-        scores = self.lists[i](input_ids, scores)
+        scores = processors(input_ids, scores)
         if self.kept["scores"] is not None:
             self.kept["scores"].setdefault(i, []).append(scores[0].detach().clone())
         return scores

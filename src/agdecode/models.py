@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AgdError
+from .errors import AgdError, ModelLoadError, ModelNotFoundError, UnsafeModelError
 
 __all__ = ["load_model", "resolve_dtype", "native_bf16", "dtype_name", "forward_cached", "input_device", "cache_dir",
            "ModelNotFoundError", "ModelLoadError", "UnsafeModelError", "DEFAULT_MODEL", "DTYPE_CHOICES", "DTYPE_HELP"]
@@ -43,18 +43,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a causal LM and its tokenizer need from a Hub repo: top-level configs, tokenizer files,
 # safetensors weights and chat templates. Never pickles, never subfolders (onnx/, original/, ...).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-class ModelNotFoundError(AgdError, FileNotFoundError):
-    """The requested model is not available (not a local file or folder, not cached, not reachable)."""
-
-
-class ModelLoadError(AgdError):
-    """The model files or loading settings are unusable (corrupt file, unknown type, bad dtype or device)."""
-
-
-class UnsafeModelError(ModelLoadError):
-    """The model would run code on loading: its own Python files (``auto_map``) or pickled weights."""
 
 
 def cache_dir() -> Path:

@@ -42,16 +42,13 @@ from typing import Sequence
 
 import torch
 
-from .errors import AgdError
+from .errors import ROIError
+from .heads import head_mask, parse_head_spec
 
 __all__ = ["Prompt", "ROI", "ROIError", "Region", "Term", "parse_expression", "parse_rois", "render_documents",
            "render_prompt", "resolve_region", "resolve_roi"]
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class ROIError(AgdError):
-    """A region of interest that cannot be resolved against the prompt."""
 
 
 @dataclass
@@ -94,6 +91,12 @@ def render_documents(documents: Sequence[dict], content: str) -> tuple[str, list
     return "".join(parts) + content, spans
 
 
+# apply_chat_template's own arguments: set by render_prompt, never by the caller's template variables.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"add_generation_prompt", "tokenize", "conversation", "return_dict",
+                                       "return_tensors", "continue_final_message", "tools", "documents",
+                                       "chat_template", "padding", "truncation", "max_length"})
+
+
 def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: bool = True,
                   documents: Sequence[dict] | None = None, chat_template_kwargs: dict | None = None) -> Prompt:
     """Render chat ``messages`` (or a raw string) with the tokenizer's chat template and tokenise it.
@@ -127,8 +130,17 @@ def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: 
             raise ROIError(
                 "This tokenizer has no chat template, so chat messages cannot be rendered; pass the "
                 "prompt as a plain string and the ROI as 'chars:A-B' or 'tokens:...'.")
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **(chat_template_kwargs or {}))
+        reserved = sorted(set(chat_template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ROIError(f"chat_template_kwargs may not set {', '.join(reserved)}: agdecode renders the prompt "
+                           "itself (text, ending with the assistant's turn); pass the template's own variables "
+                           "(e.g. enable_thinking)")
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **(chat_template_kwargs or {}))
+        except Exception as e:  # the template's own raise_exception(), a sandbox violation, a type error in it
+            raise ROIError(f"the tokenizer's chat template failed on these messages: {type(e).__name__}: "
+                           f"{str(e)[:200]}") from None
         spans = _find_message_spans(tokenizer, text, msgs, add_generation_prompt, chat_template_kwargs)
         if documents:
             # The user message's span covers documents + question: split it into the two.
@@ -270,8 +282,6 @@ class ROI:
             return cls("tokens", tuple(ranges))
         if kind == "heads" and arg.strip():
             if not arg.split("#")[0].endswith(".json"):  # a file is read when resolved (or by the CLI, up front)
-                from .heads import parse_head_spec
-
                 parse_head_spec(arg.strip())
             return cls("heads", (arg.strip(),))
         raise ROIError(f"Cannot parse ROI {_short(spec)}; {_ROI_HELP}.")
@@ -454,7 +464,6 @@ def resolve_region(spec: "str | ROI", prompt: Prompt, model=None) -> Region:
 
 def _resolve_term(roi: ROI, prompt: Prompt, model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if roi.kind == "heads":
-        from .heads import head_mask
 
         if model is None:
             raise ROIError(f"ROI {str(roi)!r} needs the model (to know its layers and heads).")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from .errors import AgdError
 
 __all__ = ["SHAPES", "random_model"]
 
@@ -55,7 +56,7 @@ def random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dt
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in SHAPES:
-        raise ValueError(f"Unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        raise AgdError(f"Unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     spec = dict(SHAPES[shape])
     config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max_position_embeddings, **spec)
     device = torch.device(device)

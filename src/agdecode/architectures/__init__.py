@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import AgdError
+from ..errors import UnsupportedArchitectureError
 from . import gemma3, gpt2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, smollm3
 from .spec import MLP, Norm, Spec
 
@@ -23,10 +23,6 @@ SPECS: tuple[Spec, ...] = tuple(m.SPEC for m in (llama, qwen2, qwen3, gemma3, mi
                                                  smollm3, gpt2))
 # config.model_type -> spec
 ARCHITECTURES: dict[str, Spec] = {t: s for s in SPECS for t in s.model_types}
-
-
-class UnsupportedArchitectureError(AgdError):
-    """The model's architecture has no AttnLRP spec."""
 
 
 def get_spec(model: nn.Module) -> Spec:

@@ -23,22 +23,11 @@ from numbers import Real
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..errors import AgdError
-
-from ..roi import Prompt
-from ..sources import CachedForward, Row, Source
-
-__all__ = ["BASELINES", "BaselineError", "make_source", "baseline_row", "validate_settings",
-           "DOLA_REPETITION_PENALTY"]
-
-BASELINES = ("cad", "dola", "steer", "sample")
-DOLA_REPETITION_PENALTY = 1.2  # what the DoLa authors recommend (and HF used) with DoLa
+from ..errors import AgdError, BaselineError
 
 
-class BaselineError(AgdError):
-    """A baseline setting that does not fit the model (a layer out of range, a vector for another model)."""
+__all__ = ["BaselineError", "validate_settings", "describe_vector"]
 
 
 def _number(x) -> bool:
@@ -49,43 +38,33 @@ def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-# Settings that only one method reads: passing them with another method is almost certainly a
-# mistake (e.g. --steer-vector without --method steer) that would otherwise go unnoticed.
-_ONLY_FOR = {"steer_vector": "steer", "steer_layer": "steer"}
-
-
 def validate_settings(cfg) -> None:
-    """Check the baseline fields of an :class:`~agdecode.AGDConfig` (the model-independent part).
+    """Check the baseline fields of an :class:`~agdecode.AGDConfig` (the model-independent part; what
+    a method needs of them, e.g. steer's vector, its :class:`~agdecode.methods.DecodingMethod` checks).
 
     Example:
         >>> validate_settings(AGDConfig(method="cad", cad_alpha=-1))
         Traceback (most recent call last):
-        ValueError: cad_alpha must be a number >= 0 ...
+        agdecode.errors.AgdError: cad_alpha must be a number >= 0 ...
     """
     if not _number(cfg.cad_alpha) or cfg.cad_alpha < 0:
-        raise ValueError(f"cad_alpha must be a number >= 0 (0 = no contrast; Shi et al. use 0.5 or 1.0), "
+        raise AgdError(f"cad_alpha must be a number >= 0 (0 = no contrast; Shi et al. use 0.5 or 1.0), "
                          f"got {cfg.cad_alpha!r}")
     layers = cfg.dola_layers
     if not (layers in ("low", "high") or (isinstance(layers, (list, tuple)) and layers and all(map(_int, layers)))):
-        raise ValueError(f"dola_layers must be 'low', 'high' or a non-empty list of layer indices, got {layers!r}")
+        raise AgdError(f"dola_layers must be 'low', 'high' or a non-empty list of layer indices, got {layers!r}")
     if cfg.repetition_penalty is not None and (not _number(cfg.repetition_penalty) or cfg.repetition_penalty <= 0):
-        raise ValueError(f"repetition_penalty must be a number > 0 (1.0 = none), got {cfg.repetition_penalty!r}")
+        raise AgdError(f"repetition_penalty must be a number > 0 (1.0 = none), got {cfg.repetition_penalty!r}")
     if cfg.steer_layer is not None and (not _int(cfg.steer_layer) or cfg.steer_layer < 0):
-        raise ValueError(f"steer_layer must be None or an integer >= 0, got {cfg.steer_layer!r}")
+        raise AgdError(f"steer_layer must be None or an integer >= 0, got {cfg.steer_layer!r}")
     if not _number(cfg.steer_weight):
-        raise ValueError(f"steer_weight must be a finite number, got {cfg.steer_weight!r}")
-    if cfg.method == "steer" and cfg.steer_vector is None:
-        raise ValueError("method='steer' needs steer_vector: a file saved by `agd steer fit` (or "
-                         "agdecode.baselines.steering.fit_steering_vector), a SteeringVector or a tensor")
+        raise AgdError(f"steer_weight must be a finite number, got {cfg.steer_weight!r}")
     if not _number(cfg.temperature) or cfg.temperature <= 0:
-        raise ValueError(f"temperature must be a number > 0, got {cfg.temperature!r}")
+        raise AgdError(f"temperature must be a number > 0, got {cfg.temperature!r}")
     if not _number(cfg.top_p) or not 0 < cfg.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p!r}")
+        raise AgdError(f"top_p must be in (0, 1], got {cfg.top_p!r}")
     if not _int(cfg.seed):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
-    for name, method in _ONLY_FOR.items():
-        if getattr(cfg, name) is not None and cfg.method != method:
-            raise ValueError(f"{name} is only used by method={method!r}, but method={cfg.method!r}")
+        raise AgdError(f"seed must be an integer, got {cfg.seed!r}")
 
 
 def describe_vector(spec) -> str | None:
@@ -95,43 +74,3 @@ def describe_vector(spec) -> str | None:
     if isinstance(spec, torch.Tensor):
         return f"tensor{tuple(spec.shape)}"
     return repr(spec)
-
-
-def make_source(config, model: nn.Module) -> Source:
-    """The logits source for ``config.method`` (any method but ``agd``), for a batch of sequences.
-
-    Example:
-        >>> with make_source(AGDConfig(method="dola"), model) as src:
-        ...     scores = src.prefill([Row(prompt.input_ids[0])]); src.info(0)["premature_layer"]
-    """
-    method = config.method
-    if method in ("greedy", "sample"):
-        return CachedForward(model)
-    if method == "cad":
-        from .cad import CADSource
-
-        return CADSource(model, config.cad_alpha)
-    if method == "dola":
-        from .dola import DoLaSource
-
-        return DoLaSource(model, config.dola_layers)
-    if method == "steer":
-        from .steering import SteeringSource, as_steering_vector
-
-        return SteeringSource(model, as_steering_vector(config.steer_vector), config.steer_layer, config.steer_weight)
-    raise ValueError(f"no logits source for method {method!r}")
-
-
-def baseline_row(config, tokenizer, prompt: Prompt, messages: list[dict] | None = None,
-                 documents: list[dict] | None = None) -> Row:
-    """What a baseline needs of one conversation: its prompt ids and, for CAD, the prompt without the ROI.
-
-    ``messages`` and ``documents`` are what ``prompt`` was rendered from; CAD needs them to render
-    the prompt without a ``"context"``/``"document:N"`` ROI (without them it drops the ROI's tokens).
-    """
-    negative = None
-    if config.method == "cad":
-        from .cad import context_free_prompt
-
-        negative = context_free_prompt(tokenizer, prompt, config.roi_list()[0], messages, documents)[0]
-    return Row(prompt.input_ids[0], negative_ids=negative)

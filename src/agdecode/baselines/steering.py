@@ -33,16 +33,13 @@ from ..models import input_device
 from ..sources import CachedForward
 from ..roi import render_prompt
 from . import BaselineError
+from ..errors import AgdError, SteeringVectorMismatch
 
 __all__ = ["SteeringVector", "SteeringVectorMismatch", "fit_steering_vector", "as_steering_vector",
            "SteeringSource", "model_identity", "PLACEMENTS"]
 
 PLACEMENTS = ("system", "user")
 _FINGERPRINT_RTOL = 0.05  # survives dtype changes and GGUF dequantisation, not a different model
-
-
-class SteeringVectorMismatch(BaselineError):
-    """A steering vector fitted on another model (or another hidden size)."""
 
 
 @dataclass
@@ -131,11 +128,11 @@ def fit_steering_vector(model: nn.Module, tokenizer, prompts: Sequence[str], ins
         ...                   method="steer", steer_vector=sv)
     """
     if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        raise AgdError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
+        raise AgdError("prompts must be a non-empty list of non-empty strings")
     if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError("instruction must be a non-empty string")
+        raise AgdError("instruction must be a non-empty string")
     layer = _check_layer(model, model.config.get_text_config().num_hidden_layers // 2 if layer is None else layer)
     device = input_device(model)
 

@@ -17,50 +17,20 @@ Three engines implement it:
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 from torch import nn
 
-from ..adapters import attnlrp
+from ..errors import AgdError
+from .common import ATTRIBUTIONS, frozen, rules_for  # noqa: F401 (re-exported)
+from .forward import ForwardEngine
+from .forward_ad import ForwardADEngine
+from .reverse import ReverseEngine
 from ..sources import Source
 
 __all__ = ["make_engine", "ENGINES", "ATTRIBUTIONS", "rules_for", "frozen"]
 
-ATTRIBUTIONS = ("lrp", "ixg")
-
-
-def rules_for(model: nn.Module, attribution: str, attention: str | None = None):
-    """The context in which gradients are attributions: AttnLRP rules, or plain autograd for I x G."""
-    if attribution == "lrp":
-        return attnlrp(model, attention=attention)
-    if attribution == "ixg":
-        return contextlib.nullcontext(model)
-    raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter gradients (saves the activations they would need); flags restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _engines():
-    from .forward import ForwardEngine
-    from .forward_ad import ForwardADEngine
-    from .reverse import ReverseEngine
-
-    return {"forward": ForwardEngine, "reverse": ReverseEngine, "forward-ad": ForwardADEngine}
-
-
-ENGINES = tuple(_engines())
+_ENGINES = {"forward": ForwardEngine, "reverse": ReverseEngine, "forward-ad": ForwardADEngine}
+ENGINES = tuple(_ENGINES)
 
 
 def make_engine(name: str, model: nn.Module, n_rois: int = 1, attribution: str = "lrp",
@@ -73,9 +43,9 @@ def make_engine(name: str, model: nn.Module, n_rois: int = 1, attribution: str =
         ...     logits = eng.prefill([Row(ids, token_weights=mask[None])])
         ...     scores = eng.scores(logits.topk(3).indices, torch.tensor([0]))   # (1, 1, 3)
     """
-    engines = _engines()
+    engines = _ENGINES
     if name not in engines:
-        raise ValueError(f"engine must be one of {tuple(engines)}, got {name!r}")
+        raise AgdError(f"engine must be one of {tuple(engines)}, got {name!r}")
     if attribution not in ATTRIBUTIONS:
-        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+        raise AgdError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
     return engines[name](model, n_rois, attribution, heads)

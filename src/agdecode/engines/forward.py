@@ -44,6 +44,7 @@ from ..architectures.spec import MLP, Norm
 from ..models import input_device
 from ..rules import GATE_SHARE, IDENTITY_EPS, KEY_SHARE, QUERY_SHARE, VALUE_SHARE
 from ..sources import KVBatch, Row, Source, left_pad, prefill_groups
+from ..errors import AgdError
 
 
 def _split(x: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +226,7 @@ def _attention_rule(lrp: bool, w: int):
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
         if softcap is not None:
-            raise ValueError("attention logit soft-capping is not supported by the forward engine; "
+            raise AgdError("attention logit soft-capping is not supported by the forward engine; "
                              "use engine='reverse'")
         n, h, t, d = query.shape
         hkv, s = key.shape[1], key.shape[2]
@@ -318,7 +319,7 @@ def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2, keep_t
         >>> logits, roi_scores = out.logits[0, -1], out.logits[1, -1]
     """
     if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError("final logit soft-capping is not supported by the forward engine; "
+        raise AgdError("final logit soft-capping is not supported by the forward engine; "
                          "use engine='reverse'")
     from transformers.pytorch_utils import Conv1D
 

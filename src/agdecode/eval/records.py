@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AgdError
+from ..errors import RunFileError, RunMismatchError
 
 __all__ = ["RunStore", "RunMismatchError", "RunFileError", "summarize", "item_values", "METRICS"]
 
@@ -28,14 +28,6 @@ METRICS = {
     "qa": ["recall", "recall_word"],
 }
 QUALITY = ["logprob", "repeat4", "words", "tokens"]
-
-
-class RunMismatchError(AgdError):
-    """The run directory holds a run with other settings."""
-
-
-class RunFileError(AgdError):
-    """A run directory whose ``run.json`` or ``records.jsonl`` cannot be read (not written by agdecode, or damaged)."""
 
 
 class RunStore:
@@ -63,12 +55,19 @@ class RunStore:
                 raise RunMismatchError(
                     f"{self.path} holds a run with other settings (differences: {', '.join(diff)}); "
                     "use another --out, or delete that directory to start over.")
+            if info:  # resumed: run.json says how it was run last (limit, items, provenance) and before
+                old_info = json.loads(self.run_file.read_text(encoding="utf-8")).get("info") or {}
+                history = old_info.pop("history", []) + [old_info]
+                tmp = self.run_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"settings": old, "info": {**info, "history": history}}, indent=1,
+                                          default=str))
+                tmp.replace(self.run_file)
         else:
             tmp = self.run_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"settings": settings, "info": info or {}}, indent=1, default=str))
             tmp.replace(self.run_file)
         self._repair_tail()
-        return {r["id"] for r in self.records()}
+        return {r["id"] for r in self.records() if not r.get("error")}  # failed items run again
 
     def _repair_tail(self) -> None:
         if not self.records_file.is_file():
@@ -111,10 +110,11 @@ class RunStore:
         return out
 
     def records(self) -> list[dict]:
-        """The records, first occurrence of each id only."""
+        """The records, one per id: the first, or the first success after failures (a failed item is
+        retried when the run is resumed)."""
         if not self.records_file.is_file():
             return []
-        out, seen = [], set()
+        out, seen = [], {}
         try:
             lines = self.records_file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
@@ -130,8 +130,10 @@ class RunStore:
                 if not isinstance(r, dict) or not isinstance(r.get("id"), str):
                     raise RunFileError(f"{self.records_file} line {n} is not a record (no string 'id').")
                 if r["id"] not in seen:
-                    seen.add(r["id"])
+                    seen[r["id"]] = len(out)
                     out.append(r)
+                elif out[seen[r["id"]]].get("error") and not r.get("error"):
+                    out[seen[r["id"]]] = r  # a failed item that ran again and succeeded
         return out
 
     def settings(self) -> dict:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AgdError
+from ..errors import ReportError
+from .methods import BASELINE
 from .records import METRICS, QUALITY, RunFileError, item_values
 
 __all__ = ["load_runs", "build_report", "bootstrap_ci", "paired_vs", "sign_test", "holm", "markdown_tables",
@@ -33,10 +34,6 @@ __all__ = ["load_runs", "build_report", "bootstrap_ci", "paired_vs", "sign_test"
 PRIMARY = {"rules": "prompt_strict", "qa": "recall"}
 B = 2000
 _MARKER = re.compile(r"<!-- table:(?P<name>[A-Za-z0-9._:@-]+) -->\n.*?<!-- /table:(?P=name) -->", re.S)
-
-
-class ReportError(AgdError):
-    """A report input that cannot be used: no runs, an unknown table marker, an unreadable archive."""
 
 
 def _read_jsonl(folder: Path, name: str) -> list[dict]:
@@ -179,7 +176,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _table(task: str, runs: list[dict]) -> tuple[str, list[dict]]:
-    base = next((r for r in runs if r["settings"]["method"] == "greedy"), None)
+    base = next((r for r in runs if r["settings"]["method"] == BASELINE), None)
     primary, rows = PRIMARY[task], []
     head = ["method", "n"] + METRICS[task] + [f"Δ {primary} vs greedy", "won/lost", "p", "p (Holm)",
                                                 "logprob", "repeat4", "words", "guided", "s/item"]
@@ -263,7 +260,7 @@ def _groups(runs: list[dict]) -> dict[str, tuple[tuple, list[dict]]]:
             name += "-" + ":".join(model.split(":")[:2]).replace(":", "-")
         if model.count(":") > 1:
             name += "-" + model.rsplit(":", 1)[1]
-        group.sort(key=lambda r: (r["settings"]["method"] != "greedy", r["settings"]["method"]))
+        group.sort(key=lambda r: (r["settings"]["method"] != BASELINE, r["settings"]["method"]))
         named[name] = (key, group)
     return named
 

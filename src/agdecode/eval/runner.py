@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 from .. import decoding
 from ..errors import AgdError
 from .datasets import qa_messages
+from ..methods import get_method
 from .methods import resolve_method
 from .records import RunStore, summarize
 from .scoring import quality, response_logprob, score_qa, score_rules
@@ -102,7 +103,7 @@ def evaluate_items(model, tokenizer, task: str, items: list[dict], gen_kwargs: d
     Example:
         >>> recs = list(evaluate_items(model, tok, "rules", items, {"method": "agd", "max_new_tokens": 64}))
     """
-    per_item = gen_kwargs.get("method") == "sample"
+    per_item = get_method(gen_kwargs.get("method", "agd")).stochastic  # a seed per item: runs item by item
     chunk = 1 if per_item else batch_size * 4
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
@@ -122,7 +123,7 @@ def evaluate_items(model, tokenizer, task: str, items: list[dict], gen_kwargs: d
 
 def _generate(model, tokenizer, task: str, items: list[dict], gen_kwargs: dict, seed: int, batch_size: int):
     kw = dict(gen_kwargs)
-    if kw.get("method") == "sample":
+    if get_method(kw.get("method", "agd")).stochastic:
         kw.setdefault("seed", item_seed(seed, items[0]["id"]))
     prompts = [_prompt(task, it) for it in items]
     docs = [extra.get("documents") for _, extra in prompts]

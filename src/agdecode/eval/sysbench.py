@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..errors import AgdError
+from ..errors import AgdError, JudgeError
 from ..models import DTYPE_HELP, dtype_name
 
 __all__ = ["Turn", "Dialogue", "read_sysbench", "JudgeConfig", "Judge", "JudgeError", "parse_verdicts",
@@ -62,10 +62,6 @@ __all__ = ["Turn", "Dialogue", "read_sysbench", "JudgeConfig", "Judge", "JudgeEr
 DEFAULT_TEMPLATE = "sysbench_judge.txt"
 _YES = {"yes", "y", "true", "是", "满足", "pass", "satisfied"}
 _NO = {"no", "n", "false", "否", "不满足", "fail", "not satisfied"}
-
-
-class JudgeError(AgdError):
-    """The judge could not be reached, timed out or refused the request."""
 
 
 @dataclass
@@ -507,7 +503,7 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``agd eval sysbench``."""
-    from .methods import PRESETS
+    from .methods import method_choices
 
     p.add_argument("--data", required=True, help="SysBench-format JSON file (a list of dialogues; see "
                    "github.com/PKU-Baichuan-MLSystemLab/SysBench, datas/system_benchmark_eval_datas.json)")
@@ -523,7 +519,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gt-history", action="store_true",
                    help="history = the reference answers (default: the model's own earlier replies)")
     p.add_argument("--method", action="append", default=None, metavar="NAME[,NAME...]",
-                   help=f"decoding method(s): {', '.join(PRESETS)}; NAME@ROI sets the ROI (default: greedy,agd)")
+                   help=f"decoding method(s): {', '.join(method_choices())}; NAME@ROI sets the ROI (default: greedy,agd)")
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder, or a .gguf file")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

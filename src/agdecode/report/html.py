@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Union
 
-from ..errors import AgdError
+from ..errors import AgdError, TraceFileError
 from ..trace import GenerationResult
 from .style import PALETTE, css_variables
 
@@ -24,10 +24,6 @@ __all__ = ["Results", "TraceFileError", "load_results", "report_data", "render_h
 
 Results = Union[GenerationResult, Mapping[str, GenerationResult]]
 _MARKER = re.compile(r"/\*AGD_CSS\*/|__AGD_TITLE__|__AGD_DATA__")
-
-
-class TraceFileError(AgdError):
-    """A trace file that is missing, not JSON, or not a trace written by agdecode."""
 
 
 def _as_dict(results: Results) -> dict[str, GenerationResult]:
@@ -248,11 +244,13 @@ def show(results: Results, title: str | None = None, height: int = 780) -> Path 
 
 
 def cmd_report(args) -> int:
-    from ..cli import check_writable
+    from ..checks import check_not_clobbering, check_writable, is_agd_html
 
     results = load_results(args.trace)
-    check_writable(args.output or Path(args.trace).with_suffix(".html"), "--output", create_parents=True)
-    out = write_html(results, args.output or Path(args.trace).with_suffix(".html"), title=args.title)
+    target = args.output or Path(args.trace).with_suffix(".html")
+    check_writable(target, "--output", create_parents=True)
+    check_not_clobbering(target, "--output", own=is_agd_html, inputs=(args.trace,))
+    out = write_html(results, target, title=args.title)
     print(f"report written to {out} (open it in a browser; it needs no network)")
     return 0
 

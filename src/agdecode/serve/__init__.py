@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..checks import port, positive_int, threshold
 from ..models import DTYPE_HELP
 
 __all__ = ["register_serve", "cmd_serve", "served_name", "create_app", "AgdServer"]
@@ -38,19 +39,6 @@ def served_name(model: str) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name or model)
 
 
-def _port(text: str) -> int:
-    """An argparse type: a TCP port 1-65535 (uvicorn would take 70000 and listen elsewhere)."""
-    import argparse
-
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
-    return n
-
-
 def _settings(args) -> dict:
     """The server's default AGD settings: only the flags given (the rest are AGDConfig's defaults)."""
     given = dict(method=args.method, roi=args.roi, k=args.k, min_prob=args.min_prob,
@@ -61,7 +49,7 @@ def _settings(args) -> dict:
 def _server_options(args) -> dict:
     return dict(name=args.served_model_name or served_name(args.model), defaults=_settings(args),
                 max_batch=args.max_batch, max_tokens=args.max_tokens, api_key=args.api_key,
-                max_body_bytes=args.max_body_bytes)
+                max_body_bytes=args.max_body_bytes, strict_roi=args.strict_roi)
 
 
 def cmd_serve(args) -> int:
@@ -99,7 +87,6 @@ def cmd_serve(args) -> int:
 
 
 def register_serve(sub) -> None:
-    from ..eval.cli import positive_int  # (the argparse types live with the eval CLI; see issue 26's "floors")
 
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible chat-completions server decoding with AGD",
@@ -110,7 +97,7 @@ def register_serve(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port, 1-65535 (default 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: 'smollm2' or the model's folder/file name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
@@ -120,14 +107,16 @@ def register_serve(sub) -> None:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (debug logs every step's batch size)")
-    from ..cli import _threshold
-
     g = p.add_argument_group("default decoding settings (a request's 'agd' object overrides them)")
     g.add_argument("--method", default=None, help="agd (default), greedy, cad, dola or sample")
     g.add_argument("--roi", action="append", default=None, help="region of interest (default system; repeatable)")
+    g.add_argument("--strict-roi", action="store_true",
+                   help="refuse (400) a request whose ROI names a message it lacks; default: a conversation without "
+                        "a system message under ROI 'system' is decoded without guidance, and the response's "
+                        "agd.note says so")
     g.add_argument("--k", type=int, default=None, help="candidates per step (default 5)")
     g.add_argument("--min-prob", type=float, default=None, help="drop candidates below this probability (default 0.05)")
-    g.add_argument("--entropy-threshold", type=_threshold, default=None,
+    g.add_argument("--entropy-threshold", type=threshold, default=None,
                    help="AGD_e threshold in nats (the paper: 1.734) or 'auto' (default: off)")
     g.add_argument("--attribution", default=None, choices=["lrp", "ixg"], help="lrp (default) or ixg")
     g.add_argument("--engine", default=None, help="attribution engine (default forward)")

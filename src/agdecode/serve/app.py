@@ -27,8 +27,11 @@ from starlette.exceptions import HTTPException
 from ..adapters import get_adapter
 from ..decoding import make_jobs, resolve_config
 from ..errors import AgdError
+from ..methods import get_method
+from ..roi import parse_rois
 from ..models import dtype_name
 from ..trace import GenerationResult
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .scheduler import Request, Scheduler
 from .schema import ChatRequest, unsupported
 
@@ -64,12 +67,14 @@ class AgdServer:
     """
 
     def __init__(self, model, tokenizer, name: str, defaults: dict | None = None, max_batch: int = 16,
-                 max_tokens: int = 256, api_key: str | None = None, max_body_bytes: int = 1 << 20):
+                 max_tokens: int = 256, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+                 strict_roi: bool = False, read_timeout: float = 30.0):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.defaults = dict(DEFAULT_SETTINGS if defaults is None else defaults)
         cfg = resolve_config(model, tokenizer, **self.defaults)  # AgdError for bad defaults
-        if cfg.method == "agd":
+        if get_method(cfg.method).guided:
             get_adapter(model)
+        self.strict_roi, self.read_timeout = strict_roi, read_timeout
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise AgdError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -77,27 +82,58 @@ class AgdServer:
         self.max_tokens, self.api_key, self.max_body_bytes = max_tokens, api_key, max_body_bytes
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.scheduler = Scheduler(model, tokenizer, max_batch)
+        self.metrics = ServerMetrics(self.scheduler.load)
         self.created = int(time.time())
 
-    def settings(self, req: ChatRequest) -> dict:
+    def settings(self, req: ChatRequest, notes: list[str] | None = None) -> dict:
         """The AGDConfig settings of a request: server defaults, then ``agd``, then the OpenAI fields.
 
-        temperature 0 or absent: the requested (or default) deterministic method. temperature > 0
-        without ``agd.method``: ``sample`` with that temperature, ``top_p`` (default 1) and ``seed``
-        (default 0). temperature > 0 with a method other than ``sample``: refused.
+        The method is ``agd.method``, else the server's. A stochastic method (``sample``) takes
+        ``temperature``, ``top_p`` (default 1) and ``seed`` (absent: fresh randomness per request,
+        as OpenAI). ``temperature > 0`` with a deterministic method named in ``agd.method`` is refused
+        (400); with the server's default method it is not applied, and ``notes`` says so (the
+        response's ``agd.note``): the server never switches AGD off behind the client's back.
         """
         agd = req.agd.settings() if req.agd is not None else {}
         temperature = req.temperature or 0.0
-        method = agd.get("method") or ("sample" if temperature > 0 else self.defaults.get("method", "agd"))
-        if method != "sample" and temperature > 0:
-            raise ApiError(400, f"method {method!r} is deterministic: temperature must be 0 or absent (omit "
-                                "agd.method, or set it to 'sample', to sample with a temperature)", "temperature")
+        method = agd.get("method") or self.defaults.get("method", "agd")
+        stochastic = get_method(method).stochastic
+        if not stochastic and temperature > 0:
+            if "method" in agd:
+                raise ApiError(400, f"method {method!r} is deterministic: temperature must be 0 or absent (set "
+                                    "agd.method to 'sample' to sample with a temperature)", "temperature")
+            if notes is not None:
+                notes.append(f"temperature {temperature:g} not applied: this server decodes with method {method!r}, "
+                             "which is deterministic (set agd.method to 'sample' to sample)")
         settings = {**self.defaults, **agd, "method": method}
-        if method == "sample":
-            settings.update(temperature=temperature, top_p=req.top_p or 1.0, seed=req.seed or 0)
+        if req.repetition_penalty is not None:
+            if "repetition_penalty" in agd:
+                raise ApiError(400, "repetition_penalty is given twice (top level and in 'agd'): give it once",
+                               "repetition_penalty")
+            settings["repetition_penalty"] = req.repetition_penalty
+        if req.min_tokens:
+            settings["min_new_tokens"] = req.min_tokens
+        if stochastic:
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            settings.update(temperature=temperature or 1.0, top_p=req.top_p or 1.0, seed=seed)
         if req.stop:
             settings["stop_strings"] = list(req.stop)
         return settings
+
+    def _without_system(self, req: ChatRequest, settings: dict, notes: list[str]) -> dict:
+        """A guided method whose ROI names the system message, on a conversation without one: greedy
+        (with a note), or 400 under ``--strict-roi`` or when the request chose the ROI itself."""
+        if not get_method(settings["method"]).guided or any(m["role"] == "system" for m in req.conversation()):
+            return settings
+        rois = settings.get("roi", "system")
+        names_system = any(t.roi.kind == "role" and t.roi.value == ("system",)
+                           for expr in parse_rois(rois) for t in expr)
+        if not names_system or self.strict_roi or (req.agd is not None and "roi" in req.agd.settings()):
+            return settings  # the ROI check in make_jobs answers 400, naming the missing message
+        notes.append("no system message: decoded without guidance (greedy); send a system message, or set "
+                     "agd.roi (e.g. 'user')")
+        kept = ("stop_strings", "max_new_tokens", "min_new_tokens", "repetition_penalty")  # every method's settings
+        return {k: v for k, v in settings.items() if k in kept} | {"method": "greedy"}
 
     def prepare(self, req: ChatRequest) -> tuple[Request, bool]:
         """Check a request completely and make its job; ``(request, trace?)``. Raises :class:`ApiError`."""
@@ -108,21 +144,71 @@ class AgdServer:
         if bad is not None:
             raise ApiError(400, bad[1], bad[0])
         max_tokens = req.max_completion_tokens or req.max_tokens
+        notes: list[str] = []
         try:
-            cfg = resolve_config(self.model, self.tokenizer, **self.settings(req), max_new_tokens=max_tokens or 1)
-            if cfg.method == "agd":
+            settings = self._without_system(req, self.settings(req, notes), notes)
+            cfg = resolve_config(self.model, self.tokenizer, **settings, max_new_tokens=max_tokens or 1)
+            if get_method(cfg.method).guided:
                 get_adapter(self.model)  # an architecture AttnLRP does not cover: refuse before any compute
             docs = None if req.documents is None else [d.model_dump() for d in req.documents]
-            job = make_jobs(self.model, self.tokenizer, cfg, [req.conversation()], [docs], names=False)[0]
+            template = req.chat_template_kwargs or (req.agd.chat_template_kwargs if req.agd is not None else None)
+            job = make_jobs(self.model, self.tokenizer, cfg, [req.conversation()], [docs], names=False,
+                            chat_template_kwargs=template)[0]
         except ValueError as e:  # AgdError, and the library's other input errors
             raise ApiError(400, str(e)) from None
         if max_tokens is None:  # the server's default, within the context
             room = self.context - len(job.row.input_ids) if self.context else self.max_tokens
             job.max_new_tokens = min(self.max_tokens, room)
             cfg = replace(cfg, max_new_tokens=job.max_new_tokens)
+        if req.ignore_eos:  # vLLM's ignore_eos: end-of-sequence does not stop before the token budget
+            cfg = replace(cfg, min_new_tokens=job.max_new_tokens)
         heads = any(r.heads is not None for r in job.rois)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        return Request(rid, job, cfg, done=_ignore, heads=heads), req.agd is not None and req.agd.trace
+        return Request(rid, job, cfg, done=_ignore, heads=heads, notes=notes), req.agd is not None and req.agd.trace
+
+
+    def observed(self, req: Request, done):
+        """``done`` that also counts the finished request in /metrics (called in the scheduler thread)."""
+        def wrapped(result, error):
+            m, method = self.metrics, req.config.method
+            outcome = "error" if error is not None else "cancelled" if result is None else "ok"
+            m.requests.labels(method=method, outcome=outcome).inc()
+            m.latency.labels(method=method).observe(time.perf_counter() - req.submitted)
+            if result is not None:
+                m.prompt_tokens.labels(method=method).inc(len(result.prompt_ids))
+                m.tokens.labels(method=method).inc(len(result.token_ids))
+                m.guided.labels(method=method).inc(result.guided_steps)
+            done(result, error)
+        return wrapped
+
+    def first_token(self, req: Request, on_token):
+        """A token callback that records the time to the first token, then calls ``on_token`` (if any)."""
+        seen = []
+
+        def wrapped(token: int) -> None:
+            if not seen:
+                seen.append(True)
+                self.metrics.ttft.labels(method=req.config.method).observe(time.perf_counter() - req.submitted)
+            if on_token is not None:
+                on_token(token)
+        return wrapped
+
+
+def parse_body(body: bytes) -> ChatRequest:
+    """A request body as a checked :class:`ChatRequest`; :class:`ApiError` (400) naming the problem."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number, deep nesting
+        raise ApiError(400, f"The request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(map(str, err["loc"])) or None
+        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
 
 
 def _ignore(result, error) -> None:
@@ -160,6 +246,8 @@ def _agd_info(result: GenerationResult, req: Request, trace: bool) -> dict:
     cfg = req.config.to_dict()
     info = {"method": cfg["method"], "roi": cfg["roi"], "guided_steps": result.guided_steps,
             "overrides": result.overrides}
+    if req.notes:
+        info["note"] = "; ".join(req.notes)
     if trace:
         info["trace"] = {**result.to_dict(), "config": cfg}
     return info
@@ -198,6 +286,7 @@ def create_app(server: AgdServer, replica: str | None = None):
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
+        server.metrics.rejected.labels(status=str(e.status)).inc()
         return error_response(e)
 
     @app.exception_handler(HTTPException)
@@ -226,23 +315,18 @@ def create_app(server: AgdServer, replica: str | None = None):
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number, deep nesting
-            raise ApiError(400, f"The request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}",
-                           code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        try:
-            return ChatRequest.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(map(str, err["loc"])) or None
-            raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_big
+        try:  # a client that sends its body slowly must not hold a connection (and a task) forever
+            await asyncio.wait_for(read(), server.read_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {server.read_timeout:g} s.",
+                           code="request_timeout") from None
+        return await asyncio.to_thread(parse_body, bytes(body))  # big bodies parse off the event loop
 
     async def watch_disconnect(request: HttpRequest, req: Request) -> None:
         while not await request.is_disconnected():
@@ -257,6 +341,10 @@ def create_app(server: AgdServer, replica: str | None = None):
         return JSONResponse({"status": "ok", "pending": server.scheduler.pending(),
                              "max_batch_seen": server.scheduler.max_rows_seen}, headers=headers)
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST, headers=headers)
+
     @app.get("/v1/models")
     async def models(request: HttpRequest):
         authorize(request)
@@ -268,7 +356,9 @@ def create_app(server: AgdServer, replica: str | None = None):
     async def chat(request: HttpRequest):
         authorize(request)
         body = await read_body(request)
-        req, trace = server.prepare(body)
+        # Tokenising and resolving a large prompt takes a while: off the event loop, so /health and
+        # the token streams of running requests never wait for it.
+        req, trace = await asyncio.to_thread(server.prepare, body)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def put(item) -> None:  # called in the scheduler thread
@@ -277,9 +367,8 @@ def create_app(server: AgdServer, replica: str | None = None):
             except RuntimeError:  # the event loop is gone (a forced shutdown): nobody is listening
                 pass
 
-        req.done = lambda result, error: put(("done", (result, error)))
-        if body.stream:
-            req.job.on_token = lambda t: put(("token", t))
+        req.done = server.observed(req, lambda result, error: put(("done", (result, error))))
+        req.job.on_token = server.first_token(req, (lambda t: put(("token", t))) if body.stream else None)
         try:
             server.scheduler.submit(req)
         except RuntimeError:

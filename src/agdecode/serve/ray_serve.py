@@ -15,6 +15,9 @@ import logging
 import signal
 import threading
 
+from ..errors import AgdError
+from ..eval.ray_runner import init_ray
+
 __all__ = ["deployment", "run_ray"]
 
 log = logging.getLogger("agdecode.serve")
@@ -69,12 +72,12 @@ def run_ray(options: dict, host: str = "127.0.0.1", port: int = 8000, replicas: 
     except ImportError:
         raise ImportError("agd serve --replicas needs Ray Serve: pip install 'ray[serve]'") from None
     if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"--replicas must be an integer >= 1, got {replicas!r}")
+        raise AgdError(f"--replicas must be an integer >= 1, got {replicas!r}")
     if num_gpus and options["device"] == "cpu":
         options = {**options, "device": "cuda"}
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        init_ray(ray, address, "agd serve --replicas", include_dashboard=False, configure_logging=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

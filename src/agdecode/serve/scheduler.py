@@ -19,11 +19,13 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..decoding import AGDConfig, Decoder, Job
 from ..trace import GenerationResult
+from ..errors import AgdError
 
 __all__ = ["DecodingError", "Request", "Scheduler", "config_key"]
 
@@ -59,6 +61,7 @@ class Request:
     done: Callable[[GenerationResult | None, BaseException | None], None]
     heads: bool = False
     key: str = ""
+    notes: list[str] = field(default_factory=list)  # what the server decided for this request (agd.note)
     submitted: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
@@ -78,11 +81,12 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, max_batch: int = 16):
         if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+            raise AgdError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
         self._decoders: dict[str, Decoder] = {}  # configuration key -> its open decoder
+        self._stacks: dict[str, ExitStack] = {}   # configuration key -> what closes its decoder
         self._live: dict[int, Request] = {}   # id(job) -> request, for every decoding job
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agd-scheduler", daemon=True)
@@ -110,6 +114,10 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def load(self) -> tuple[int, int]:
+        """(sequences decoding, requests waiting for a row), for /metrics (read from any thread)."""
+        return self._rows(), self._inbox.qsize() + len(self._waiting)
+
     def pending(self) -> int:
         """Requests submitted and not finished (waiting or decoding)."""
         return self._inbox.qsize() + len(self._waiting) + len(self._live)
@@ -123,12 +131,17 @@ class Scheduler:
                 break
             try:
                 self._admit()
-                for decoder in list(self._decoders.values()):  # one step each, in turn
-                    if decoder.jobs:
-                        self._step(decoder)
-            except Exception as e:  # a broken batch fails its requests, never the server
-                log.exception("decoding failed; failing %d request(s)", len(self._live))
+            except Exception as e:  # a bug in admission: fail what is live, never the server
+                log.exception("admission failed; failing %d request(s)", len(self._live))
                 self._fail_all(DecodingError(f"{type(e).__name__}: {e}"))
+            for key, decoder in list(self._decoders.items()):  # one step each, in turn
+                if not decoder.jobs:
+                    continue
+                try:
+                    self._step(decoder)
+                except Exception as e:  # a broken batch fails its own requests, not other decoders'
+                    log.exception("decoding failed; failing %d request(s)", len(decoder.jobs))
+                    self._fail(decoder, DecodingError(f"{type(e).__name__}: {e}"))
             for key in [k for k, d in self._decoders.items() if not d.jobs]:
                 self._close_decoder(key)
         for key in list(self._decoders):
@@ -160,13 +173,26 @@ class Scheduler:
                 continue
             joining.setdefault(req.key, []).append(req)
         for key, reqs in joining.items():
+            decoder = self._decoders[key]
+            try:
+                decoder.add([r.job for r in reqs])
+            except Exception as e:
+                # One bad request must not fail its neighbours: a batch that cannot be prefilled
+                # is retried request by request, and only those that fail again are answered with
+                # their error (Decoder.add leaves the batch as it was when a prefill fails).
+                log.warning("prefill failed for %s: %s", ", ".join(r.id for r in reqs), e)
+                ok = []
+                for req in reqs:
+                    try:
+                        decoder.add([req.job]) if len(reqs) > 1 else _raise(e)
+                    except Exception as e1:
+                        log.warning("request %s failed in prefill: %s", req.id, e1)
+                        req.done(None, e1)
+                    else:
+                        ok.append(req)
+                reqs = ok
             for req in reqs:
                 self._live[id(req.job)] = req
-            try:
-                self._decoders[key].add([r.job for r in reqs])
-            except Exception as e:
-                log.warning("prefill failed for %s: %s", ", ".join(r.id for r in reqs), e)
-                raise
             rows = self._rows()
             self.max_rows_seen = max(self.max_rows_seen, rows)
             for req in reqs:
@@ -175,9 +201,10 @@ class Scheduler:
 
     def _open_decoder(self, req: Request) -> bool:
         cfg = req.config
-        decoder = Decoder(self.model, self.tokenizer, cfg, n_rois=len(cfg.roi_list()), heads=req.heads)
+        stack = ExitStack()
         try:
-            decoder.__enter__()
+            decoder = stack.enter_context(Decoder(self.model, self.tokenizer, cfg))
+            self._stacks[req.key] = stack
         except Exception as e:
             # This configuration cannot run: fail this request and every waiting one that has it.
             same = [req] + [r for r in self._waiting if r.key == req.key]
@@ -191,8 +218,8 @@ class Scheduler:
         return True
 
     def _close_decoder(self, key: str) -> None:
-        decoder = self._decoders.pop(key)
-        decoder.__exit__(None, None, None)
+        self._decoders.pop(key)
+        self._stacks.pop(key).close()
 
     def _step(self, decoder: Decoder) -> None:
         self.steps += 1
@@ -202,6 +229,9 @@ class Scheduler:
             req = self._live.pop(id(job))
             log.info("request %s finished: %s after %d tokens (%d rows left)", req.id, job.finish_reason,
                      len(job.out_ids), self._rows())
+            if job.error is not None:  # this row failed alone; the batch went on without it
+                req.done(None, job.error)
+                continue
             try:
                 result = decoder.result(job)
             except Exception as e:
@@ -214,9 +244,23 @@ class Scheduler:
         log.info("request %s finished: cancelled before it started", req.id)
         req.done(None, None)
 
+    def _fail(self, decoder: Decoder, error: BaseException) -> None:
+        """Fail every request ``decoder`` holds (its batch is broken) and empty it."""
+        jobs = list(decoder.jobs)
+        try:
+            decoder.remove(jobs)  # empties the decoder (it closes when the loop sees it empty)
+        except Exception:
+            log.exception("could not free the rows of a failed batch")
+        for job in jobs:
+            self._live.pop(id(job)).done(None, error)
+
     def _fail_all(self, error: BaseException) -> None:
-        live, self._live = list(self._live.values()), {}
         for decoder in self._decoders.values():
-            decoder.jobs = []
+            decoder.remove(list(decoder.jobs))
+        live, self._live = list(self._live.values()), {}
         for req in live:
             req.done(None, error)
+
+
+def _raise(e: BaseException):
+    raise e

@@ -14,6 +14,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from ..decoding import SEED_RANGE
+from ..roi import parse_rois
 
 # A bound far above any model's context, so a huge max_tokens is a 400 here, not an error deep inside.
 _MAX_TOKENS = 2**31 - 1
@@ -48,9 +49,10 @@ class Document(BaseModel):
     text: StrictStr
 
 
-# ``heads:NAME`` may name a shipped set or layer.head pairs; a file path would read the server's disk.
-_HEADS = re.compile(r"heads:\s*(\S+)")
-_HEADS_OK = re.compile(r"(parametric|in-context|[\d.,]+)\)?")
+# Over HTTP a head ROI is a shipped set's name or layer.head pairs; anything else (a file path, with
+# or without spaces or '#') would read the server's disk. Checked on the terms the ROI grammar's own
+# parser finds, so no spelling slips past it.
+_HEADS_OK = re.compile(r"parametric|in-context|\d+\.\d+(,\d+\.\d+)*")
 
 
 class AgdOptions(BaseModel):
@@ -63,21 +65,25 @@ class AgdOptions(BaseModel):
     min_prob: _Number | None = None
     entropy_threshold: _Number | Literal["auto"] | None = None
     attribution: StrictStr | None = None
+    repetition_penalty: _Number | None = Field(None, gt=0)
+    chat_template_kwargs: dict | None = None
     trace: StrictBool = False
 
     @field_validator("roi")
     @classmethod
     def _no_files(cls, roi):
         for r in [roi] if isinstance(roi, str) else roi or []:
-            for name in _HEADS.findall(r):
-                if not _HEADS_OK.fullmatch(name):
-                    raise ValueError(f"heads ROI {name!r}: over HTTP only 'parametric', 'in-context' or "
-                                     "layer.head pairs like 3.1,4.5 are accepted (no files)")
+            for expr in parse_rois(r):  # parsing reads no file (a head file is read when resolved)
+                for term in expr:
+                    name = term.roi.value[0] if term.roi.kind == "heads" else None
+                    if name is not None and not _HEADS_OK.fullmatch(name):
+                        raise ValueError(f"heads ROI {name[:60]!r}: over HTTP only 'parametric', 'in-context' or "
+                                         "layer.head pairs like 3.1,4.5 are accepted (no files)")
         return roi
 
     def settings(self) -> dict:
         """The AGDConfig settings this request sets (``entropy_threshold: null`` = off, so it counts)."""
-        return self.model_dump(exclude_unset=True, exclude={"trace"})
+        return self.model_dump(exclude_unset=True, exclude={"trace", "chat_template_kwargs"})
 
 
 class StreamOptions(BaseModel):
@@ -88,7 +94,7 @@ class StreamOptions(BaseModel):
 class ChatRequest(BaseModel):
     """``POST /v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by unsupported(), by name
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_TOKENS)
@@ -109,6 +115,12 @@ class ChatRequest(BaseModel):
     tools: list | None = None
     functions: list | None = None
     response_format: dict | None = None
+    # vLLM's sampling extensions, honoured.
+    repetition_penalty: _Number | None = Field(None, gt=0)
+    min_tokens: StrictInt | None = Field(None, ge=0, le=_MAX_TOKENS)
+    ignore_eos: StrictBool = False
+    top_k: StrictInt | None = None
+    chat_template_kwargs: dict | None = None
     # Extensions.
     agd: AgdOptions | None = None
     documents: list[Document] | None = None
@@ -125,9 +137,26 @@ class ChatRequest(BaseModel):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
+# OpenAI fields that change nothing a local server returns: accepted and ignored, as by other
+# OpenAI-compatible servers. Any other unknown field is refused by name (a vLLM extension such as
+# guided_json, or a typo), never silently dropped.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice",
+                            "modalities", "reasoning_effort", "prediction", "web_search_options", "safety_identifier",
+                            "prompt_cache_key", "verbosity"})
+
+
 def unsupported(req: ChatRequest) -> tuple[str, str] | None:
     """``(param, message)`` for the first feature this server does not implement, else None."""
+    unknown = sorted(set(req.model_extra or {}) - IGNORED_FIELDS)
+    if unknown:
+        return unknown[0], (f"{unknown[0]!r} is not supported by this server (supported: the OpenAI chat fields, "
+                            "vLLM's repetition_penalty, min_tokens, top_k, ignore_eos, chat_template_kwargs, "
+                            "and the 'agd' and 'documents' extensions)")
+    if req.chat_template_kwargs is not None and req.agd is not None and req.agd.chat_template_kwargs is not None:
+        return "chat_template_kwargs", "chat_template_kwargs is given twice (top level and in 'agd'): give it once"
     checks = [
+        ("top_k", req.top_k not in (None, -1, 0), "top_k is not supported (use -1 or leave it out; "
+                                                  "sampling narrows with top_p)"),
         ("n", req.n not in (None, 1), "n must be 1: AGD decoding gives one completion per request"),
         ("presence_penalty", req.presence_penalty not in (None, 0), "presence_penalty is not supported (use 0)"),
         ("frequency_penalty", req.frequency_penalty not in (None, 0), "frequency_penalty is not supported (use 0)"),
@@ -138,3 +167,4 @@ def unsupported(req: ChatRequest) -> tuple[str, str] | None:
          "response_format other than {'type': 'text'} is not supported"),
     ]
     return next(((param, msg) for param, bad, msg in checks if bad), None)
+

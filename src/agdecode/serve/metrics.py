@@ -1,0 +1,58 @@
+"""``GET /metrics``: the server's counters in the Prometheus text format (``prometheus_client``).
+
+One registry per server (no process-global state, so two servers in one process, or tests, never
+mix their numbers). Labelled by decoding method where it matters.
+
+=====================================  =========  ===============================================
+metric                                 type       what
+=====================================  =========  ===============================================
+``agd_requests_total``                 counter    finished requests, by ``method`` and ``outcome``
+                                                  (``ok``, ``error``, ``cancelled``)
+``agd_rejected_requests_total``        counter    requests refused before decoding (4xx), by ``status``
+``agd_prompt_tokens_total``            counter    prompt tokens of finished requests, by ``method``
+``agd_generated_tokens_total``         counter    generated tokens, by ``method``
+``agd_guided_steps_total``             counter    steps where attribution chose the token, by ``method``
+``agd_time_to_first_token_seconds``    histogram  submit -> first token, by ``method``
+``agd_request_seconds``                histogram  submit -> last token, by ``method``
+``agd_batch_rows``                     gauge      sequences decoding now
+``agd_queue_length``                   gauge      requests waiting for a row
+=====================================  =========  ===============================================
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST"]
+
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    """The metrics of one server; ``render()`` is the ``/metrics`` body.
+
+    Example:
+        >>> m = ServerMetrics(lambda: (3, 1))
+        >>> m.requests.labels(method="agd", outcome="ok").inc()
+        >>> b"agd_requests_total" in m.render()
+        True
+    """
+
+    def __init__(self, load):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("agd_requests", "finished requests", ["method", "outcome"], registry=r)
+        self.rejected = Counter("agd_rejected_requests", "requests refused before decoding", ["status"], registry=r)
+        self.prompt_tokens = Counter("agd_prompt_tokens", "prompt tokens of finished requests", ["method"], registry=r)
+        self.tokens = Counter("agd_generated_tokens", "generated tokens", ["method"], registry=r)
+        self.guided = Counter("agd_guided_steps", "steps where attribution chose the token", ["method"], registry=r)
+        self.ttft = Histogram("agd_time_to_first_token_seconds", "submit to first token", ["method"],
+                              buckets=_LATENCY, registry=r)
+        self.latency = Histogram("agd_request_seconds", "submit to last token", ["method"], buckets=_LATENCY,
+                                 registry=r)
+        rows = Gauge("agd_batch_rows", "sequences decoding now", registry=r)
+        queue = Gauge("agd_queue_length", "requests waiting for a row", registry=r)
+        rows.set_function(lambda: load()[0])  # read when scraped: never stale
+        queue.set_function(lambda: load()[1])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,99 @@
+"""One failing request never fails its neighbours: in the decoding loop, and in the server's scheduler."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import agdecode
+from agdecode.decoding import Decoder, NonFiniteLogitsError, make_jobs, resolve_config, run
+from agdecode.serve.scheduler import Request, Scheduler
+from conftest import make_tiny
+
+CONVS = [[{"role": "system", "content": f"Rule {i}: answer briefly."}, {"role": "user", "content": f"Tell me {i}."}]
+         for i in range(3)]
+SETTINGS = dict(k=3, min_prob=0.0, max_new_tokens=6)
+
+
+class FailsAt:
+    """A logits processor that raises at one step: a row whose own code breaks."""
+
+    def __init__(self, step: int, error=RuntimeError("this row's processor broke")):
+        self.step, self.error, self.calls = step, error, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls > self.step:
+            raise self.error
+        return scores
+
+
+class NaNAt(FailsAt):
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        return scores * float("nan") if self.calls > self.step else scores
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_tiny("llama", len(tokenizer))
+
+
+@pytest.mark.parametrize("breaker", [FailsAt(2), NaNAt(2)], ids=["exception", "nan"])
+def test_a_failing_row_ends_alone_and_the_others_are_unchanged(model, tokenizer, breaker):
+    want = agdecode.generate(model, tokenizer, CONVS, **SETTINGS)
+    cfg = resolve_config(model, tokenizer, **SETTINGS)
+    jobs = make_jobs(model, tokenizer, cfg, CONVS)
+    breaker.calls = 0
+    jobs[1].processors = [breaker]
+    with pytest.raises((RuntimeError, NonFiniteLogitsError)):
+        run(Decoder(model, tokenizer, cfg), jobs, batch_size=3)  # generate's answer: the failure
+    assert jobs[1].finish_reason == "error" and len(jobs[1].out_ids) == 2 and jobs[1].error is not None
+    for i in (0, 2):
+        assert jobs[i].out_ids == want[i].token_ids and jobs[i].finish_reason == "length"
+
+
+def _serve(model, tokenizer, jobs_and_cfgs):
+    """Submit the jobs at once to a scheduler; return each one's (result, error)."""
+    sched = Scheduler(model, tokenizer, max_batch=8)
+    out, done = {}, threading.Event()
+
+    def finish(i):
+        def cb(result, error):
+            out[i] = (result, error)
+            if len(out) == len(jobs_and_cfgs):
+                done.set()
+        return cb
+
+    for i, (job, cfg) in enumerate(jobs_and_cfgs):
+        sched._inbox.put(Request(f"r{i}", job, cfg, done=finish(i)))  # all waiting before the thread starts
+    sched.start()
+    assert done.wait(120)
+    sched.close(30)
+    return out
+
+
+def test_the_scheduler_fails_only_the_request_whose_row_breaks(model, tokenizer):
+    want = agdecode.generate(model, tokenizer, CONVS, **SETTINGS)
+    cfg = resolve_config(model, tokenizer, **SETTINGS)
+    jobs = make_jobs(model, tokenizer, cfg, CONVS)
+    jobs[1].processors = [FailsAt(3)]
+    out = _serve(model, tokenizer, [(j, cfg) for j in jobs])
+    assert out[1][0] is None and "processor broke" in str(out[1][1])
+    for i in (0, 2):
+        assert out[i][1] is None and out[i][0].token_ids == want[i].token_ids
+
+
+def test_a_request_that_fails_in_prefill_fails_alone(model, tokenizer):
+    want = agdecode.generate(model, tokenizer, CONVS, **SETTINGS)
+    cfg = resolve_config(model, tokenizer, **SETTINGS)
+    jobs = make_jobs(model, tokenizer, cfg, CONVS)
+    bad = jobs[1].row.input_ids.clone()
+    bad[-1] = 10**6  # beyond the vocabulary: the embedding lookup raises inside the prefill
+    jobs[1].row.input_ids = bad
+    out = _serve(model, tokenizer, [(j, cfg) for j in jobs])
+    assert out[1][0] is None and out[1][1] is not None
+    for i in (0, 2):
+        assert out[i][1] is None and out[i][0].token_ids == want[i].token_ids
+    assert torch.equal(jobs[0].row.input_ids, make_jobs(model, tokenizer, cfg, CONVS[:1])[0].row.input_ids)
