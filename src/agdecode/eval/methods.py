@@ -82,7 +82,7 @@ def resolve_method(name: str, roi: str | None = None, extra: dict | None = None,
                                      "(optionally NAME@ROI, e.g. agd@context).")
     preset = PRESETS[base]
     kw = {"method": preset.method, "max_new_tokens": max_new_tokens, **preset.settings}
-    if preset.method == "agd" and (roi_override or roi):
+    if preset.method in ("agd", "cad") and (roi_override or roi):  # CAD contrasts with the ROI removed
         kw["roi"] = roi_override or roi
     elif roi_override:
         kw["roi"] = roi_override
