@@ -57,6 +57,7 @@ class AGDConfig:
     roi: str | ROI | list = "system"
     k: int = 5
     min_prob: float = 0.05
+    min_prob_ratio: float = 0.0  # candidates also need p >= ratio * p(top token) (the project's variant; 0 = paper)
     entropy_threshold: float | str | None = None  # nats; "auto" = the model's calibration (agdecode.calibrate)
     attribution: str = "lrp"
     engine: str = ENGINES[0]
@@ -84,6 +85,9 @@ class AGDConfig:
         if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)) \
                 or not 0.0 <= self.min_prob <= 1.0:
             raise AgdError(f"min_prob must be in [0, 1], got {self.min_prob!r}")
+        r = self.min_prob_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+            raise AgdError(f"min_prob_ratio must be in [0, 1], got {r!r}")
         t = self.entropy_threshold
         if t is not None and t != "auto" and (isinstance(t, bool) or not isinstance(t, (int, float))
                                               or math.isnan(t) or t < 0):

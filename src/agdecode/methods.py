@@ -120,7 +120,7 @@ class AGDMethod(DecodingMethod):
 
     def policies(self, cfg):
         gate = [] if cfg.entropy_threshold is None else [EntropyGate(cfg.entropy_threshold)]
-        return gate + [AttributionChoice(cfg.min_prob)]
+        return gate + [AttributionChoice(cfg.min_prob, cfg.min_prob_ratio)]
 
 
 class SampleMethod(DecodingMethod):

@@ -67,14 +67,19 @@ class EntropyGate:
 
 
 class AttributionChoice:
-    """The candidate (top-k, p >= min_prob) whose logit depends most on the first ROI."""
+    """The candidate (top-k, p >= min_prob) whose logit depends most on the first ROI.
 
-    def __init__(self, min_prob: float):
-        self.min_prob = min_prob
+    ``min_prob_ratio`` (the project's own variant, not the paper's) also asks p >= ratio x p(top
+    token): a floor relative to the step's best token, so a sure step offers fewer, closer
+    candidates and an unsure one more."""
+
+    def __init__(self, min_prob: float, min_prob_ratio: float = 0.0):
+        self.min_prob, self.ratio = min_prob, min_prob_ratio
 
     def __call__(self, v: View, choice: Choice, src: Source) -> None:
         rows = choice.undecided()
-        n = dict(zip(rows, (v.top_p[rows] >= self.min_prob).sum(1).tolist()))  # candidates: a prefix of top-k
+        floor = (self.ratio * v.top_p[rows, :1]).clamp_min(self.min_prob)             # (n, 1)
+        n = dict(zip(rows, (v.top_p[rows] >= floor).sum(1).tolist()))  # candidates: a prefix of top-k
         for reason, few in (("no-candidate", 0), ("single", 1)):
             these = [i for i in rows if n[i] == few]
             choice.set(these, v.top_i[these, 0], reason)
