@@ -52,6 +52,11 @@ def files(tmp_path_factory, llama):
         "rules_no_user.jsonl": json.dumps({"id": 1, "messages": [{"role": "system", "content": "Hi"}],
                                            "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}) + "\n",
         "prompts_empty.txt": "\n\n",
+        "notes.txt": "my notes, not agd's\n",
+        "page.html": "<html>my page</html>",
+        "input_id_null.jsonl": json.dumps({"id": None, "messages": MSGS}) + "\n",
+        "input_id_object.jsonl": json.dumps({"id": {"a": 1}, "messages": MSGS}) + "\n",
+        "input_good.jsonl": json.dumps({"id": "a", "messages": MSGS}) + "\n",
     }
     for name, text in write.items():
         (d / name).write_text(text, encoding="utf-8")
@@ -81,9 +86,20 @@ def files(tmp_path_factory, llama):
         "relevance_bad": {**good, "extra": {"relevance": {"0": "x"}}},
         "prompt_tokens_number": {**good, "prompt_tokens": 3},
         "step_not_object": {**good, "steps": [1, 2]},
+        "model_number": {**good, "model": 5},
+        "seconds_word": {**good, "seconds": "fast"},
+        "scores_strings": {**good, "steps": [{**st, "candidates": [{**c, "scores": "high"} for c in st["candidates"]]}
+                                             for st in good["steps"]]},
+        "scores_list": {**good, "steps": [{**st, "candidates": [{**c, "scores": [1, 2]} for c in st["candidates"]]}
+                                          for st in good["steps"]]},
+        "relevance_superscript_key": {**good, "extra": {"relevance": {"\u00b2": [0.1]}}},
+        "text_number": {**good, "text": 5},
+        "token_ids_strings": {**good, "token_ids": ["a"] * len(good["token_ids"])},
     }
     for name, data in broken.items():
         (d / f"trace_{name}.json").write_text(json.dumps(data))
+    (d / "trace_huge_number.json").write_text(json.dumps(good).replace(
+        '"entropy": ', '"entropy": ' + "9" * 400 + ", \"x_entropy\": ", 1))
     (d / "trace_not_json.json").write_text("{")
     (d / "trace_other.json").write_text('{"x": 1}')
     (d / "trace_list.json").write_text("[]")
@@ -133,6 +149,48 @@ API = [
     ("method-unknown", dict(method="beam"), ValueError, "method must be one of"),
     ("seed-beyond-64-bits", dict(method="sample", seed=2**64), AgdError, r"seed must be an integer from -2\*\*63"),
     ("seed-a-string", dict(method="sample", seed="7"), AgdError, "seed must be an integer"),
+    # The rest of generate()'s surface, one case a setting (round of issue 25).
+    ("logits-processor-int", dict(logits_processor=5), AgdError, "logits_processor must be a list"),
+    ("logits-processor-list-of-int", dict(logits_processor=[5]), AgdError, "logits_processor must be a list"),
+    ("stopping-criteria-int", dict(stopping_criteria=5), AgdError, "stopping_criteria must be a list"),
+    ("stopping-criteria-list-of-int", dict(stopping_criteria=[5]), AgdError, "stopping_criteria must be a list"),
+    ("streamer-int", dict(streamer=5), AgdError, "streamer must have put"),
+    ("template-kwargs-generation-prompt", dict(chat_template_kwargs={"add_generation_prompt": False}), AgdError,
+     "may not set add_generation_prompt"),
+    ("template-kwargs-tokenize", dict(chat_template_kwargs={"tokenize": True}), AgdError, "may not set tokenize"),
+    ("template-kwargs-not-a-dict", dict(chat_template_kwargs=["x"]), AgdError, "chat_template_kwargs must be a dict"),
+    ("stop-strings-too-many", dict(stop_strings=[f"s{i}" for i in range(1000)]), AgdError, "at most 128 stop strings"),
+    ("stop-strings-empty-string", dict(stop_strings=[""]), AgdError, "stop_strings must be a non-empty list"),
+    ("stop-strings-a-string", dict(stop_strings="\n"), AgdError, "stop_strings must be a non-empty list"),
+    ("min-prob-ratio-above-one", dict(min_prob_ratio=1.5), AgdError, r"min_prob_ratio must be in \[0, 1\]"),
+    ("min-prob-ratio-string", dict(min_prob_ratio="0.3"), AgdError, r"min_prob_ratio must be in \[0, 1\]"),
+    ("min-new-tokens-negative", dict(min_new_tokens=-1), AgdError, "min_new_tokens must be an integer >= 0"),
+    ("no-repeat-ngram-negative", dict(no_repeat_ngram_size=-2), AgdError, "no_repeat_ngram_size must be"),
+    ("bad-words-empty-list", dict(bad_words_ids=[[]]), AgdError, "bad_words_ids must be a non-empty list"),
+    ("bad-words-negative-id", dict(bad_words_ids=[[-5]]), AgdError, "bad_words_ids must be a non-empty list"),
+    ("repetition-penalty-zero", dict(repetition_penalty=0), AgdError, "repetition_penalty must be a number > 0"),
+    ("repetition-penalty-nan", dict(repetition_penalty=float("nan")), AgdError, "repetition_penalty must be"),
+    ("cad-alpha-negative", dict(method="cad", cad_alpha=-1), AgdError, "cad_alpha must be a number >= 0"),
+    ("dola-layers-word", dict(method="dola", dola_layers="middle"), AgdError, "dola_layers must be 'low', 'high'"),
+    ("dola-layers-empty", dict(method="dola", dola_layers=[]), AgdError, "dola_layers must be"),
+    ("steer-layer-negative", dict(method="steer", steer_vector="v.safetensors", steer_layer=-1), AgdError,
+     "steer_layer must be None or an integer >= 0"),
+    ("steer-layer-with-agd", dict(steer_layer=3), AgdError, "steer_layer is only used by method='steer'"),
+    ("steer-weight-inf", dict(method="steer", steer_vector="v.safetensors", steer_weight=float("inf")), AgdError,
+     "steer_weight must be a finite number"),
+    ("temperature-zero", dict(method="sample", temperature=0), AgdError, "temperature must be a number > 0"),
+    ("top-p-zero", dict(method="sample", top_p=0), AgdError, r"top_p must be in \(0, 1\]"),
+    ("engine-unknown", dict(engine="turbo"), AgdError, "engine must be one of"),
+    ("attribution-unknown", dict(attribution="shap"), AgdError, "attribution must be one of"),
+    ("batch-size-zero", dict(batch_size=0), AgdError, "batch_size must be an integer >= 1"),
+    ("batch-size-float", dict(batch_size=2.0), AgdError, "batch_size must be an integer >= 1"),
+    ("config-not-a-config", dict(config={"k": 3}), AgdError, "config must be an AGDConfig"),
+    ("setting-unknown", dict(top_k=5), AgdError, "unknown generation setting"),
+    ("k-larger-than-vocab", dict(k=10**7), AgdError, "larger than the model's vocabulary"),
+    ("threshold-nan", dict(entropy_threshold=float("nan")), AgdError, "entropy_threshold must be"),
+    ("threshold-bool", dict(entropy_threshold=True), AgdError, "entropy_threshold must be"),
+    ("max-new-tokens-beyond-context", dict(max_new_tokens=10**6), AgdError, "exceeds the model's context"),
+    ("roi-list-with-int", dict(roi=["system", 5]), AgdError, "got int"),
 ]
 
 
@@ -162,6 +220,11 @@ def test_api_head_files(llama, files, name, match):
 
 
 @pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": "caf\ud800"}], "is not valid Unicode text"),
+    ([{"role": "system", "content": "\udfff"}, {"role": "user", "content": "Hi"}], "is not valid Unicode text"),
+    ("lone \ud800 surrogate", "is not valid Unicode text"),
+    ([[{"role": "user", "content": "Hi"}], []], "conversation 1"),
+    ([{"role": "user"}], "string 'content'"),
     (5, "messages must be a non-empty list"),
     ([], "messages must be a non-empty list"),
     ([{"role": 5, "content": "x"}], "string 'role'"),
@@ -294,6 +357,53 @@ CLI = [
      "'roi_positions' must map ROI names to lists"),
     ("report-output-under-a-file", ["report", "{files}/trace_good.json", "-o", "{files}/qa_good.jsonl/r.html"],
      "qa_good.jsonl' is not a directory"),
+    # Round of issue 25: sampling settings, huge numbers, clobbering, eval files, heads.
+    ("generate-seed-beyond-64-bits", ["generate", "Hi", "--roi", "user", "--method", "sample", "--seed",
+                                      "18446744073709551616", "--model", NOWHERE], "seed must be an integer from"),
+    ("generate-temperature-with-agd", ["generate", "Hi", "--roi", "user", "--temperature", "0.7", "--model", NOWHERE],
+     "--temperature only apply to --method sample"),
+    ("generate-top-p-with-compare", ["generate", "Hi", "--system", "x", "--compare", "--top-p", "0.5",
+                                     "--model", NOWHERE], "--top-p only apply to --method sample"),
+    ("generate-json-empty", ["generate", "Hi", "--roi", "user", "--json", "", "--model", NOWHERE],
+     "--json needs a file name"),
+    ("generate-json-foreign-file", ["generate", "Hi", "--roi", "user", "--json", "{files}/notes.txt",
+                                    "--model", NOWHERE], "exists and was not written by agd"),
+    ("generate-json-is-the-documents", ["generate", "Hi", "--roi", "context", "--documents",
+                                        "{files}/docs_no_text.json", "--json", "{files}/docs_no_text.json",
+                                        "--model", NOWHERE], "string 'text'|is also the input"),
+    ("generate-lone-surrogate", ["generate", "caf\udcff", "--roi", "user", "--model", "{model}"],
+     "is not valid Unicode text"),
+    ("generate-stop-too-many", ["generate", "Hi", "--roi", "user", *(["--stop", "x"] * 200), "--model", NOWHERE],
+     "at most 128 stop strings"),
+    ("generate-input-id-null", ["generate", "--input", "{files}/input_id_null.jsonl", "--model", NOWHERE],
+     "'id' must be a non-empty string or an integer"),
+    ("generate-input-id-object", ["generate", "--input", "{files}/input_id_object.jsonl", "--model", NOWHERE],
+     "'id' must be a non-empty string or an integer"),
+    ("generate-output-foreign-file", ["generate", "--input", "{files}/input_good.jsonl", "--output",
+                                      "{files}/notes.txt", "--model", NOWHERE], "was not written by `agd generate"),
+    ("generate-input-batch-size-zero", ["generate", "--input", "{files}/input_good.jsonl", "--batch-size", "0",
+                                        "--model", NOWHERE], "--batch-size must be at least 1"),
+    ("report-output-is-the-input", ["report", "{files}/trace_good.json", "-o", "{files}/trace_good.json"],
+     "is also the input"),
+    ("report-output-foreign-page", ["report", "{files}/trace_good.json", "-o", "{files}/page.html"],
+     "was not written by agd"),
+    ("report-huge-number", ["report", "{files}/trace_huge_number.json", "-o", "{tmp}/r.html"], "not a finite number"),
+    ("report-model-number", ["report", "{files}/trace_model_number.json", "-o", "{tmp}/r.html"],
+     "field 'model' must be a string"),
+    ("steer-fit-foreign-json", ["steer", "fit", "--instruction", "French.", "--prompt", "Hi", "--out",
+                                "{files}/docs_empty.safetensors", "--model", NOWHERE], "exists and was not written"),
+    ("heads-batch-size-zero", ["heads", "discover", "--batch-size", "0", "--out", "{tmp}/h.json"],
+     "expected a positive integer"),
+    ("heads-batch-size-negative", ["heads", "discover", "--batch-size", "-1", "--out", "{tmp}/h.json"],
+     "expected a positive integer"),
+    ("eval-threads-zero", ["eval", "rules", "--threads", "0"], "expected a positive integer"),
+    ("eval-batch-size-zero", ["eval", "rules", "--batch-size", "0"], "expected a positive integer"),
+    ("eval-archive-to-a-file", ["eval", "archive", "{files}/runs/records_corrupt", "--to", "{files}/notes.txt"],
+     "is a file, not a folder"),
+    ("eval-report-update-doc-missing", ["eval", "report", "--update-doc", "{tmp}/missing.md",
+                                        "{files}/runs/records_corrupt"], "missing.md: cannot read it"),
+    ("eval-report-check-doc-not-utf8", ["eval", "report", "--check-doc", "{files}/qa_latin1.jsonl",
+                                        "{files}/runs/records_corrupt"], "cannot read it as a UTF-8"),
 ]
 
 
@@ -332,13 +442,18 @@ def test_eval_files(files, name, task, match):
 # --- report files -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, match", [
-    ("no_steps_list", "field 'steps' is missing or not a list"), ("no_tokens", "field 'tokens' is missing"),
+    ("no_steps_list", "field 'steps' must be a list"), ("no_tokens", "field 'tokens' is missing"),
     ("no_config", "field 'config' is missing"), ("no_roi_positions", "'roi_positions' must map"),
     ("roi_positions_number", "'roi_positions' must map"), ("step_no_entropy", "step 0: field 'entropy'"),
     ("candidate_no_prob", "step 0, candidate 0: needs 'token_id' and 'prob'"),
     ("tokens_mismatch", "2 steps but 1 tokens"), ("relevance_bad", "'extra.relevance' must map"),
     ("prompt_tokens_number", "'prompt_tokens' is not a list"), ("step_not_object", "step 0 is not an object"),
     ("list", "is not a trace"), ("latin1", "is not JSON"),
+    ("model_number", "field 'model' must be a string"), ("seconds_word", "field 'seconds' must be a number"),
+    ("scores_strings", "step 0, candidate 0: 'scores' must map"), ("scores_list", "step 0, candidate 0: 'scores' must map"),
+    ("relevance_superscript_key", "'extra.relevance' must map"), ("text_number", "field 'text' must be a string"),
+    ("token_ids_strings", "field 'token_ids' must be a list of integers"),
+    ("huge_number", "step 0: 'entropy' is not a finite number"),
 ])
 def test_report_files(files, name, match):
     from agdecode.report.html import load_results

@@ -92,6 +92,66 @@ def test_engine_roi_scores_match_reference_relevances(arch, engine):
                                                                                 value.item())
 
 
+class _Force:
+    """A row's own logits processor: the first token is ``token`` (only it survives), then nothing changes."""
+
+    def __init__(self, token: int):
+        self.token, self.calls = token, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls > 1:
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token] = 0.0
+        return forced
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("engine", ["forward", "reverse", "forward-ad"])
+def test_decode_step_scores_match_reference_relevances(arch, engine):
+    """The goldens at a *decode* step: the prompt is the first 11 tokens, the 12th is emitted (forced) and
+    goes through the KV-cache step path, so the scores of the next step are the goldens' last position.
+    forward-ad attributes to tokens only (no head ROI)."""
+    from agdecode.decoding import AGDConfig, Decoder, make_jobs, run
+    from agdecode.roi import Region
+
+    model, ids, targets = _golden(arch)
+    n = ids.shape[1]
+    first_half = torch.zeros(n - 1)
+    first_half[: n // 2] = 1.0
+    regions = [Region("all", torch.ones(n - 1)), Region("half", first_half)]
+    # min_prob > 0: the forced step has one candidate; at the next every token of a tiny model passes it.
+    cfg = AGDConfig(k=model.config.vocab_size, min_prob=1e-30, max_new_tokens=2, engine=engine)
+    (job,) = make_jobs(model, None, cfg, [ids[0, :-1]], regions=regions)
+    job.processors = [_Force(int(ids[0, -1]))]
+    run(Decoder(model, None, cfg, eos_ids=set()), [job], 1)
+    assert job.out_ids[0] == int(ids[0, -1]) and job.steps[1].reason == "attribution"
+    scored = {c.token_id: c.scores for c in job.steps[1].candidates}
+    for t in targets:
+        tok = torch.tensor(t["token_relevance"])
+        # The ROIs cover prompt positions only; the emitted 12th token is outside them.
+        expected = {"all": tok[:-1].sum(), "half": (tok[:-1] * first_half).sum()}
+        scale = tok.abs().max().item()
+        for name, value in expected.items():
+            assert abs(scored[t["target"]][name] - value.item()) <= 4e-6 * scale, (name, engine)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_ad_prefill_scores_match_reference_relevances(arch):
+    from agdecode.decoding import AGDConfig, generate_ids
+    from agdecode.roi import Region
+
+    model, ids, targets = _golden(arch)
+    n = ids.shape[1]
+    out = generate_ids(model, ids, [Region("all", torch.ones(n))],
+                       AGDConfig(k=model.config.vocab_size, min_prob=0.0, max_new_tokens=1, engine="forward-ad"))
+    scored = {c.token_id: c.scores for c in out.steps[0].candidates}
+    for t in targets:
+        tok = torch.tensor(t["token_relevance"])
+        assert abs(scored[t["target"]]["all"] - tok.sum().item()) <= 4e-6 * tok.abs().max().item()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plain_input_x_gradient_differs_from_reference(arch):
     model, ids, targets = _golden(arch)

@@ -157,6 +157,13 @@ def _check_generate_args(args) -> dict:
         for term in expr:
             if term.roi.kind == "heads":
                 parse_head_spec(term.roi.value[0])  # a head-set file is read (and checked) now
+    d = AGDConfig()
+    if args.compare or not get_method(args.method).stochastic:
+        given = [f for f, v, default in (("--temperature", args.temperature, d.temperature),
+                                          ("--top-p", args.top_p, d.top_p)) if v != default]
+        if given:  # they would be silently ignored: a deterministic method does not sample
+            raise AgdError(f"{' and '.join(given)} only apply to --method sample; --method "
+                           f"{'greedy/agd' if args.compare else args.method} is deterministic")
     if not args.compare and args.steer_vector and not Path(args.steer_vector).is_file():
         raise AgdError(f"--steer-vector {args.steer_vector!r} not found (create one with `agd steer fit`).")
     methods = ("greedy", "agd") if args.compare else (args.method,)

@@ -39,6 +39,7 @@ __all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "run", 
 
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP_STRINGS = 128
 
 
 def _int(x) -> bool:
@@ -111,7 +112,10 @@ class AGDConfig:
         if self.stop_strings is not None and not (
                 isinstance(self.stop_strings, (list, tuple)) and self.stop_strings
                 and all(isinstance(s, str) and s for s in self.stop_strings)):
-            raise AgdError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")
+            raise AgdError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r:.80}")
+        if self.stop_strings is not None and len(self.stop_strings) > MAX_STOP_STRINGS:
+            # transformers' StopStringCriteria precomputes tables per string (~24 ms each on a CPU).
+            raise AgdError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
         if not _int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             got = f"an integer of {self.seed.bit_length()} bits" if _int(self.seed) else repr(self.seed)[:80]
             raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {got}")
@@ -520,6 +524,7 @@ def generate(
     """
     single, convs = _conversations(conversations)
     docs = _documents_per_conversation(documents, len(convs), single)
+    _check_protocols(logits_processor, stopping_criteria, streamer)
     if batch_size is not None and (not _int(batch_size) or batch_size < 1):
         raise AgdError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if streamer is not None and len(convs) > 1:
@@ -529,6 +534,16 @@ def generate(
                      chat_template_kwargs=chat_template_kwargs)
     decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor)
     return _results(decoder, jobs, batch_size or _default_batch_size(model), streamer, single)
+
+
+def _check_protocols(logits_processor, stopping_criteria, streamer) -> None:
+    """transformers' objects where generate() expects them (a wrong one fails here, not mid-decode)."""
+    for name, value in (("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)):
+        if value is not None and not (isinstance(value, (list, tuple)) and all(callable(v) for v in value)):
+            raise AgdError(f"{name} must be a list of callables (e.g. a transformers {''.join(p.title() for p in name.split('_'))}"
+                           f"List), got {type(value).__name__} {value!r:.60}")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise AgdError(f"streamer must have put() and end() (e.g. transformers' TextStreamer), got {type(streamer).__name__}")
 
 
 def _results(decoder: Decoder, jobs: list[Job], batch_size: int, streamer, single: bool):

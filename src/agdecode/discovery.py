@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .adapters import get_adapter
 from .engines.reverse import attribute_batch
 from .errors import AgdError
+from .checks import check_writable, positive_int
 from .heads import KINDS
 from .identity import model_identity, model_key
 from .models import dtype_name
@@ -167,7 +168,6 @@ def plot_heads(result: dict, path: str | Path) -> Path:
 
 
 def cmd_discover(args) -> int:
-    from .checks import check_writable
     from .models import load_model
 
     if args.n_items < 2:
@@ -189,7 +189,6 @@ def cmd_discover(args) -> int:
 
 
 def register_heads(sub) -> None:
-    from .checks import positive_int
     from .models import DTYPE_HELP
     p = sub.add_parser("heads", help="attention-head ROIs: discover parametric / in-context heads")
     hs = p.add_subparsers(dest="heads_command", required=True)
@@ -204,5 +203,5 @@ def register_heads(sub) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the counterfactual answer assignment")
     d.add_argument("--out", required=True, help="output JSON")
     d.add_argument("--plot", help="output PNG (default: next to the JSON)")
-    d.add_argument("--batch-size", type=int, default=8, help="prompts attributed together (default 8)")
+    d.add_argument("--batch-size", type=positive_int, default=8, help="prompts attributed together (default 8)")
     d.set_defaults(func=cmd_discover)

@@ -114,6 +114,7 @@ def render_prompt(tokenizer, messages: list[dict] | str, add_generation_prompt: 
     if documents is not None and not isinstance(documents, (list, tuple)):
         raise ROIError(f"documents must be a list of {{'title': ..., 'text': ...}} dicts, got {type(documents).__name__}.")
     if isinstance(messages, str):
+        _check_text(messages, "the prompt")
         text, spans, msgs = messages, [], None
         if documents:
             text, doc_spans = render_documents(documents, text)
@@ -165,7 +166,17 @@ def _check_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ROIError(f"message {i} must be a dict with a string 'role' and a string 'content', got {_short(m)}.")
+        _check_text(m["content"], f"message {i}'s content")
     return list(messages)
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text a tokenizer can encode: a lone surrogate (e.g. a JSON "\\ud800") is not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ROIError(f"{what} is not valid Unicode text (character {e.start}: a lone surrogate "
+                       f"{text[e.start]!r}); send UTF-8 text.") from None
 
 
 def _find_message_spans(tokenizer, text: str, messages: list[dict], add_generation_prompt: bool,

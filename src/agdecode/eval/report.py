@@ -299,7 +299,11 @@ def update_doc(doc: str | Path, paths: list[str | Path], check: bool = False) ->
         []
     """
     doc = Path(doc)
-    text = doc.read_text(encoding="utf-8")
+    try:
+        text = doc.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{doc}: cannot read it as a UTF-8 markdown file ({type(e).__name__}: "
+                          f"{getattr(e, 'strerror', None) or getattr(e, 'reason', '')})") from None
     tables = markdown_tables(paths)
     old = marked_blocks(text)
     if not old:
@@ -340,6 +344,8 @@ def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
         >>> archive_runs(["runs/results/rules"], "docs/results")
         [PosixPath('docs/results/rules-rules/greedy'), ...]
     """
+    if Path(dest).exists() and not Path(dest).is_dir():
+        raise ReportError(f"--to {dest} is a file, not a folder: archives go into a folder (e.g. docs/results)")
     out = []
     for run in load_runs(paths):
         s = run["settings"]

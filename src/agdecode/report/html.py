@@ -78,7 +78,15 @@ def _trace_problem(d: dict) -> str | None:
     """What makes ``d`` unusable as a trace (a missing or mistyped field), or None."""
     for k, t in _TRACE_FIELDS.items():
         if not isinstance(d.get(k), t):
-            return f"field {k!r} is missing or not a {t.__name__}"
+            kind = {"str": "string"}.get(t.__name__, t.__name__)
+            return f"field {k!r} must be a {kind}" if k in d else f"field {k!r} is missing"
+    for k in ("token_ids", "prompt_ids"):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in d[k]):
+            return f"field {k!r} must be a list of integers"
+    if "model" in d and not isinstance(d["model"], str):
+        return "field 'model' must be a string"
+    if "seconds" in d and not _finite(d["seconds"]):
+        return "field 'seconds' must be a number"
     if len(d["tokens"]) != len(d["steps"]) or len(d["token_ids"]) != len(d["steps"]):
         return f"{len(d['steps'])} steps but {len(d['tokens'])} tokens"
     for i, st in enumerate(d["steps"]):
@@ -87,12 +95,17 @@ def _trace_problem(d: dict) -> str | None:
         for k, t in _STEP_FIELDS.items():
             if not isinstance(st.get(k), t) or isinstance(st.get(k), bool):
                 return f"step {i}: field {k!r} is missing or mistyped"
+        if not _finite(st["entropy"]):
+            return f"step {i}: 'entropy' is not a finite number"
         for j, c in enumerate(st["candidates"]):
-            if not isinstance(c, dict) or not isinstance(c.get("token_id"), int) or not isinstance(
-                    c.get("prob"), (int, float)):
+            if not isinstance(c, dict) or not isinstance(c.get("token_id"), int) or not _finite(c.get("prob")):
                 return f"step {i}, candidate {j}: needs 'token_id' and 'prob'"
             if not isinstance(c.get("token"), str):
                 return f"step {i}, candidate {j}: needs its 'token' text"
+            scores = c.get("scores")
+            if scores is not None and not (isinstance(scores, dict) and all(
+                    isinstance(n, str) and (v is None or _finite(v)) for n, v in scores.items())):
+                return f"step {i}, candidate {j}: 'scores' must map ROI names to numbers"
     if not isinstance(d.get("prompt_tokens", []), list):
         return "field 'prompt_tokens' is not a list"
     rois = d.get("roi_positions")
@@ -104,10 +117,20 @@ def _trace_problem(d: dict) -> str | None:
     extra = d.get("extra", {})
     relevance = extra.get("relevance", {}) if isinstance(extra, dict) else None
     if not isinstance(relevance, dict) or not all(
-            str(k).isdigit() and isinstance(m, list) and all(v is None or isinstance(v, (int, float)) for v in m)
+            re.fullmatch(r"[0-9]+", str(k)) and isinstance(m, list) and all(v is None or _finite(v) for v in m)
             for k, m in relevance.items()):
         return "field 'extra.relevance' must map step numbers to lists of numbers"
     return None
+
+
+def _finite(x) -> bool:
+    """A JSON number that is a usable float (not a bool, not NaN/inf, not a 400-digit integer)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _num(x: float | None, digits: int = 4) -> float | None:
