@@ -478,3 +478,36 @@ def test_a_client_that_sends_its_body_slowly_is_timed_out(tokenizer):
         assert " 408 " in reply.splitlines()[0] and "did not arrive" in reply and time.perf_counter() - t0 < 5
         got, _ = post(url, {"model": "tiny", "messages": CONV, "max_tokens": 2, "agd": {"method": "greedy"}})
         assert got == 200
+
+
+def test_completions_endpoint_equals_generate_on_the_raw_prompt(served, tokenizer):
+    url, ref, _, _ = served
+    c = client(url)
+    prompt = "Rules: answer in French.\nQuestion: what do cats eat?\nAnswer:"
+    agd = {"roi": "chars:0-24", **AGD}
+    want = agdecode.generate(ref, tokenizer, prompt, max_new_tokens=6, **agd)
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, extra_body={"agd": agd})
+    assert r.object == "text_completion" and r.choices[0].text == want.text and r.id.startswith("cmpl-")
+    assert r.model_extra["agd"]["guided_steps"] == want.guided_steps > 0
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt=[prompt], max_tokens=6, stream=True, extra_body={"agd": agd}) if ch.choices)
+    assert streamed == want.text
+    # No ROI given: the server's default (the system message) does not exist in a raw prompt.
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+    assert r.model_extra["agd"]["method"] == "greedy" and "no messages" in r.model_extra["agd"]["note"]
+    assert r.choices[0].text == agdecode.generate(ref, tokenizer, prompt, max_new_tokens=4, method="greedy").text
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ({"prompt": "hi", "echo": True}, "echo", "echo is not supported"),
+    ({"prompt": "hi", "logprobs": 2}, "logprobs", "logprobs are not supported"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix", "suffix"),
+    ({"prompt": ""}, "prompt", "the prompt is empty"),
+    ({"messages": CONV}, "prompt", "Field required"),
+    ({"prompt": "hi", "agd": {"roi": "system"}}, None, "system"),
+])
+def test_bad_completion_requests(served, body, param, message):
+    url, *_ = served
+    got, payload = post(url, {"model": "tiny", "max_tokens": 2, **body}, path="/v1/completions")
+    assert got == 400 and message in payload["error"]["message"] and payload["error"]["param"] == param, payload

@@ -33,7 +33,7 @@ from ..models import dtype_name
 from ..trace import GenerationResult
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .scheduler import Request, Scheduler
-from .schema import ChatRequest, unsupported
+from .schema import ChatRequest, CompletionRequest, unsupported
 
 __all__ = ["AgdServer", "ApiError", "create_app", "DEFAULT_SETTINGS"]
 
@@ -85,7 +85,7 @@ class AgdServer:
         self.metrics = ServerMetrics(self.scheduler.load)
         self.created = int(time.time())
 
-    def settings(self, req: ChatRequest, notes: list[str] | None = None) -> dict:
+    def settings(self, req: ChatRequest | CompletionRequest, notes: list[str] | None = None) -> dict:
         """The AGDConfig settings of a request: server defaults, then ``agd``, then the OpenAI fields.
 
         The method is ``agd.method``, else the server's. A stochastic method (``sample``) takes
@@ -120,22 +120,26 @@ class AgdServer:
             settings["stop_strings"] = list(req.stop)
         return settings
 
-    def _without_system(self, req: ChatRequest, settings: dict, notes: list[str]) -> dict:
-        """A guided method whose ROI names the system message, on a conversation without one: greedy
-        (with a note), or 400 under ``--strict-roi`` or when the request chose the ROI itself."""
-        if not get_method(settings["method"]).guided or any(m["role"] == "system" for m in req.conversation()):
+    def _without_roi_message(self, req: ChatRequest | CompletionRequest, settings: dict, notes: list[str]) -> dict:
+        """A guided method whose default ROI names a message the request lacks (a chat without a system
+        message; a completion has no messages at all): greedy, with a note; or, under ``--strict-roi``
+        or when the request chose the ROI itself, left to the ROI check (a 400 naming the message)."""
+        if not get_method(settings["method"]).guided:
             return settings
-        rois = settings.get("roi", "system")
-        names_system = any(t.roi.kind == "role" and t.roi.value == ("system",)
-                           for expr in parse_rois(rois) for t in expr)
-        if not names_system or self.strict_roi or (req.agd is not None and "roi" in req.agd.settings()):
-            return settings  # the ROI check in make_jobs answers 400, naming the missing message
-        notes.append("no system message: decoded without guidance (greedy); send a system message, or set "
-                     "agd.roi (e.g. 'user')")
+        conv = req.conversation()
+        roles = {m["role"] for m in conv} if isinstance(conv, list) else set()
+        named = {t.roi.value[0] for expr in parse_rois(settings.get("roi", "system")) for t in expr
+                 if t.roi.kind == "role"}
+        missing = sorted(named - roles)
+        if not missing or self.strict_roi or (req.agd is not None and "roi" in req.agd.settings()):
+            return settings
+        where = "a completion prompt has no messages" if isinstance(conv, str) else f"no {'/'.join(missing)} message"
+        notes.append(f"{where}: decoded without guidance (greedy); set agd.roi (e.g. "
+                     f"{'chars:0-40' if isinstance(conv, str) else 'user'}) to guide it")
         kept = ("stop_strings", "max_new_tokens", "min_new_tokens", "repetition_penalty")  # every method's settings
         return {k: v for k, v in settings.items() if k in kept} | {"method": "greedy"}
 
-    def prepare(self, req: ChatRequest) -> tuple[Request, bool]:
+    def prepare(self, req: ChatRequest | CompletionRequest) -> tuple[Request, bool]:
         """Check a request completely and make its job; ``(request, trace?)``. Raises :class:`ApiError`."""
         if req.model != self.name:
             raise ApiError(404, f"The model {req.model!r} does not exist; this server serves {self.name!r}.",
@@ -143,15 +147,15 @@ class AgdServer:
         bad = unsupported(req)
         if bad is not None:
             raise ApiError(400, bad[1], bad[0])
-        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens = req.max_new_tokens()
         notes: list[str] = []
         try:
-            settings = self._without_system(req, self.settings(req, notes), notes)
+            settings = self._without_roi_message(req, self.settings(req, notes), notes)
             cfg = resolve_config(self.model, self.tokenizer, **settings, max_new_tokens=max_tokens or 1)
             if get_method(cfg.method).guided:
                 get_adapter(self.model)  # an architecture AttnLRP does not cover: refuse before any compute
             docs = None if req.documents is None else [d.model_dump() for d in req.documents]
-            template = req.chat_template_kwargs or (req.agd.chat_template_kwargs if req.agd is not None else None)
+            template = req.template_kwargs()
             job = make_jobs(self.model, self.tokenizer, cfg, [req.conversation()], [docs], names=False,
                             chat_template_kwargs=template)[0]
         except ValueError as e:  # AgdError, and the library's other input errors
@@ -163,7 +167,7 @@ class AgdServer:
         if req.ignore_eos:  # vLLM's ignore_eos: end-of-sequence does not stop before the token budget
             cfg = replace(cfg, min_new_tokens=job.max_new_tokens)
         heads = any(r.heads is not None for r in job.rois)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid = f"{'chatcmpl' if isinstance(req, ChatRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         return Request(rid, job, cfg, done=_ignore, heads=heads, notes=notes), req.agd is not None and req.agd.trace
 
 
@@ -194,8 +198,8 @@ class AgdServer:
         return wrapped
 
 
-def parse_body(body: bytes) -> ChatRequest:
-    """A request body as a checked :class:`ChatRequest`; :class:`ApiError` (400) naming the problem."""
+def parse_body(body: bytes, schema: type = ChatRequest) -> ChatRequest | CompletionRequest:
+    """A request body as a checked ``schema`` instance; :class:`ApiError` (400) naming the problem."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number, deep nesting
@@ -204,7 +208,7 @@ def parse_body(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
-        return ChatRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(map(str, err["loc"])) or None
@@ -261,7 +265,8 @@ def _error_status(error: BaseException) -> ApiError:
 
 
 def create_app(server: AgdServer, replica: str | None = None):
-    """The FastAPI app serving ``server``: ``/v1/chat/completions``, ``/v1/models``, ``/health``.
+    """The FastAPI app serving ``server``: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+    ``/health``, ``/metrics``.
 
     The app's lifespan starts the decoding thread and, on shutdown (SIGTERM: uvicorn first waits for
     the requests in flight), drains it. ``replica`` names this copy in an ``x-agd-replica`` header.
@@ -307,7 +312,7 @@ def create_app(server: AgdServer, replica: str | None = None):
             raise ApiError(401, "Incorrect API key provided." if token else
                            "Missing API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key")
 
-    async def read_body(request: HttpRequest) -> ChatRequest:
+    async def read_body(request: HttpRequest, schema: type = ChatRequest) -> ChatRequest | CompletionRequest:
         limit = server.max_body_bytes
         declared = request.headers.get("content-length")
         too_big = ApiError(400, f"The request body is larger than this server's limit of {limit} bytes.",
@@ -326,7 +331,7 @@ def create_app(server: AgdServer, replica: str | None = None):
         except asyncio.TimeoutError:
             raise ApiError(408, f"The request body did not arrive within {server.read_timeout:g} s.",
                            code="request_timeout") from None
-        return await asyncio.to_thread(parse_body, bytes(body))  # big bodies parse off the event loop
+        return await asyncio.to_thread(parse_body, bytes(body), schema)  # big bodies parse off the event loop
 
     async def watch_disconnect(request: HttpRequest, req: Request) -> None:
         while not await request.is_disconnected():
@@ -354,8 +359,15 @@ def create_app(server: AgdServer, replica: str | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
+        return await complete(request, ChatRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        return await complete(request, CompletionRequest)
+
+    async def complete(request: HttpRequest, schema: type):
         authorize(request)
-        body = await read_body(request)
+        body = await read_body(request, schema)
         # Tokenising and resolving a large prompt takes a while: off the event loop, so /health and
         # the token streams of running requests never wait for it.
         req, trace = await asyncio.to_thread(server.prepare, body)
@@ -386,7 +398,7 @@ def create_app(server: AgdServer, replica: str | None = None):
                 return Response(status_code=499)
         created = int(time.time())
         if not body.stream:
-            return JSONResponse(_completion(req, result, trace, server.name, created, body.stop), headers=headers)
+            return JSONResponse(_completion(req, result, trace, server.name, created, body), headers=headers)
         return StreamingResponse(_stream(req, first, events, trace, server, created, body),
                                  media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
@@ -398,25 +410,31 @@ def _usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
-def _completion(req: Request, result: GenerationResult, trace: bool, model: str, created: int, stops) -> dict:
-    text = final_text(result, stops)
-    return {"id": req.id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": _finish_reason(result, text)}],
-            "usage": _usage(result), "agd": _agd_info(result, req, trace)}
+def _completion(req: Request, result: GenerationResult, trace: bool, model: str, created: int, body) -> dict:
+    text = final_text(result, body.stop)
+    chat = isinstance(body, ChatRequest)
+    choice = {"index": 0, **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
+              "logprobs": None, "finish_reason": _finish_reason(result, text)}
+    return {"id": req.id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": _usage(result), "agd": _agd_info(result, req, trace)}
 
 
 async def _stream(req: Request, event, events: asyncio.Queue, trace: bool, server: AgdServer, created: int, body):
     """Server-sent events in the OpenAI chunk format; a client that goes away cancels the job."""
     stops, ids, sent, finished = body.stop, [], "", False
+    chat = isinstance(body, ChatRequest)
+    object_name = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        c = {"id": req.id, "object": "chat.completion.chunk", "created": created, "model": server.name,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        # chat: {"delta": {...}}; completions: the text itself ({"text": ...}).
+        body_part = {"delta": delta} if chat else {"text": delta.get("content", "")}
+        c = {"id": req.id, "object": object_name, "created": created, "model": server.name,
+             "choices": [{"index": 0, **body_part, "logprobs": None, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
         while True:
             kind, payload = event
             if kind == "token":
@@ -438,7 +456,7 @@ async def _stream(req: Request, event, events: asyncio.Queue, trace: bool, serve
                     yield chunk({"content": text[len(sent):]})
                 yield chunk({}, _finish_reason(result, text), agd=_agd_info(result, req, trace))
                 if body.stream_options is not None and body.stream_options.include_usage:
-                    c = {"id": req.id, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                    c = {"id": req.id, "object": object_name, "created": created, "model": server.name,
                          "choices": [], "usage": _usage(result)}
                     yield f"data: {json.dumps(c)}\n\n"
                 yield "data: [DONE]\n\n"

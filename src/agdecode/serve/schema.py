@@ -19,7 +19,7 @@ from ..roi import parse_rois
 # A bound far above any model's context, so a huge max_tokens is a 400 here, not an error deep inside.
 _MAX_TOKENS = 2**31 - 1
 
-__all__ = ["AgdOptions", "ChatRequest", "Document", "Message", "unsupported"]
+__all__ = ["AgdOptions", "ChatRequest", "CompletionRequest", "Document", "Message", "unsupported"]
 
 _Number = StrictFloat  # strict: a JSON integer is a number, true is not
 
@@ -91,14 +91,12 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class ChatRequest(BaseModel):
-    """``POST /v1/chat/completions``."""
+class _Request(BaseModel):
+    """The fields both endpoints share."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields are refused by unsupported(), by name
     model: StrictStr
-    messages: list[Message] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_TOKENS)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_TOKENS)
     temperature: _Number | None = Field(None, ge=0, le=2)
     top_p: _Number | None = Field(None, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -110,17 +108,11 @@ class ChatRequest(BaseModel):
     presence_penalty: _Number | None = None
     frequency_penalty: _Number | None = None
     logit_bias: dict | None = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
-    tools: list | None = None
-    functions: list | None = None
-    response_format: dict | None = None
     # vLLM's sampling extensions, honoured.
     repetition_penalty: _Number | None = Field(None, gt=0)
     min_tokens: StrictInt | None = Field(None, ge=0, le=_MAX_TOKENS)
     ignore_eos: StrictBool = False
     top_k: StrictInt | None = None
-    chat_template_kwargs: dict | None = None
     # Extensions.
     agd: AgdOptions | None = None
     documents: list[Document] | None = None
@@ -133,8 +125,58 @@ class ChatRequest(BaseModel):
             raise ValueError("stop must be a non-empty string or a list of at most 4 non-empty strings")
         return stops or None
 
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def template_kwargs(self) -> dict | None:
+        return self.agd.chat_template_kwargs if self.agd is not None else None
+
+
+class ChatRequest(_Request):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_TOKENS)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+    chat_template_kwargs: dict | None = None
+
     def conversation(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def template_kwargs(self) -> dict | None:
+        return self.chat_template_kwargs or super().template_kwargs()
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``: a raw prompt, no chat template. ROIs: ``chars:A-B``, ``tokens:...``,
+    ``context`` / ``document:N`` (``documents`` are put before the prompt)."""
+
+    prompt: StrictStr | list[StrictStr]
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("one prompt per request (a list of exactly one string): AGD decodes one completion "
+                             "per request")
+        text = prompt[0] if isinstance(prompt, list) else prompt
+        if not text:
+            raise ValueError("the prompt is empty")
+        return text
+
+    def conversation(self) -> str:
+        return self.prompt
 
 
 # OpenAI fields that change nothing a local server returns: accepted and ignored, as by other
@@ -145,14 +187,24 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parall
                             "prompt_cache_key", "verbosity"})
 
 
-def unsupported(req: ChatRequest) -> tuple[str, str] | None:
+def unsupported(req: ChatRequest | CompletionRequest) -> tuple[str, str] | None:
     """``(param, message)`` for the first feature this server does not implement, else None."""
     unknown = sorted(set(req.model_extra or {}) - IGNORED_FIELDS)
     if unknown:
-        return unknown[0], (f"{unknown[0]!r} is not supported by this server (supported: the OpenAI chat fields, "
+        return unknown[0], (f"{unknown[0]!r} is not supported by this server (supported: the OpenAI fields, "
                             "vLLM's repetition_penalty, min_tokens, top_k, ignore_eos, chat_template_kwargs, "
                             "and the 'agd' and 'documents' extensions)")
-    if req.chat_template_kwargs is not None and req.agd is not None and req.agd.chat_template_kwargs is not None:
+    if isinstance(req, CompletionRequest):
+        checks = [("echo", req.echo, "echo is not supported"),
+                  ("logprobs", req.logprobs is not None, "logprobs are not supported"),
+                  ("suffix", req.suffix is not None, "suffix (insertion) is not supported"),
+                  ("best_of", req.best_of not in (None, 1), "best_of must be 1"),
+                  ("chat_template_kwargs", req.agd is not None and req.agd.chat_template_kwargs is not None,
+                   "a completion has no chat template: drop agd.chat_template_kwargs")]
+        bad = next(((param, msg) for param, bad, msg in checks if bad), None)
+        if bad is not None:
+            return bad
+    elif req.chat_template_kwargs is not None and req.agd is not None and req.agd.chat_template_kwargs is not None:
         return "chat_template_kwargs", "chat_template_kwargs is given twice (top level and in 'agd'): give it once"
     checks = [
         ("top_k", req.top_k not in (None, -1, 0), "top_k is not supported (use -1 or leave it out; "
@@ -161,10 +213,13 @@ def unsupported(req: ChatRequest) -> tuple[str, str] | None:
         ("presence_penalty", req.presence_penalty not in (None, 0), "presence_penalty is not supported (use 0)"),
         ("frequency_penalty", req.frequency_penalty not in (None, 0), "frequency_penalty is not supported (use 0)"),
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
-        ("logprobs", bool(req.logprobs) or req.top_logprobs is not None, "logprobs are not supported"),
-        ("tools", bool(req.tools) or bool(req.functions), "tools and functions are not supported"),
-        ("response_format", req.response_format not in (None, {"type": "text"}),
-         "response_format other than {'type': 'text'} is not supported"),
     ]
+    if isinstance(req, ChatRequest):
+        checks += [
+            ("logprobs", bool(req.logprobs) or req.top_logprobs is not None, "logprobs are not supported"),
+            ("tools", bool(req.tools) or bool(req.functions), "tools and functions are not supported"),
+            ("response_format", req.response_format not in (None, {"type": "text"}),
+             "response_format other than {'type': 'text'} is not supported"),
+        ]
     return next(((param, msg) for param, bad, msg in checks if bad), None)
 
