@@ -50,7 +50,7 @@ def _positive_head_relevance(model, tokenizer, question, target, document):
     """R+_h of the first target token, by plain autograd under the rules (not the engines' ``attribute``)."""
     import torch
 
-    from agdecode import attnlrp, get_adapter
+    from agdecode import attnlrp, get_spec
     from agdecode.discovery import SYSTEM, SYSTEM_OPEN
     from agdecode.roi import render_prompt
 
@@ -59,7 +59,7 @@ def _positive_head_relevance(model, tokenizer, question, target, document):
     ids = render_prompt(tokenizer, messages, documents=[document] if document else None).input_ids
     first = tokenizer(target, add_special_tokens=False).input_ids[0]
     acts, hooks = [], []
-    for layer in get_adapter(model).layers(model):
+    for layer in get_spec(model).layers(model):
         def keep(mod, args):
             args[0].retain_grad()
             acts.append(args[0])

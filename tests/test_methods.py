@@ -159,3 +159,26 @@ def test_adding_a_method_is_documented():
     readme = (SRC.parents[1] / "README.md").read_text()
     section = readme.split("## Adding a method", 1)[1].split("\n## ", 1)[0]
     assert "register_method" in section and "agdecode.methods" in section
+
+
+def test_min_prob_ratio_narrows_the_candidates_to_those_near_the_top_token():
+    """The project's variant: candidates need p >= ratio * p(top) as well as p >= min_prob."""
+    import torch
+
+    from agdecode.policies import AttributionChoice, Choice, View
+
+    top_p = torch.tensor([[0.6, 0.2, 0.1, 0.05, 0.03], [0.2, 0.15, 0.1, 0.06, 0.04]])
+    top_i = torch.arange(10).reshape(2, 5)
+
+    class Scores:  # the least probable candidate always has the highest ROI score
+        def scores(self, ids, rows):
+            return torch.arange(5.0).expand(len(rows), 1, 5)
+
+    def chosen(ratio):
+        choice = Choice(torch.full((2,), -1), [None, None])
+        AttributionChoice(0.05, ratio)(View(None, top_p, top_i, None, []), choice, Scores())
+        return choice.chosen.tolist(), choice.reasons
+
+    assert chosen(0.0) == ([3, 8], ["attribution", "attribution"])   # the paper: p >= 0.05
+    assert chosen(0.3) == ([1, 7], ["attribution", "attribution"])   # floors 0.18 and 0.06
+    assert chosen(0.5) == ([0, 7], ["single", "attribution"])        # a sure step keeps its top token

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from agdecode import attnlrp, get_adapter
+from agdecode import attnlrp, get_spec
 from conftest import ARCHS, GOLDEN, TINY_ARCHS, make_tiny
 
 
@@ -20,11 +20,11 @@ def _golden(arch):
 def _relevances(model, ids, target, lrp: bool):
     """Token relevance (embeddings) and head relevance (o_proj inputs) of one logit."""
     acts, hooks = {}, []
-    for i, layer in enumerate(get_adapter(model).layers(model)):
+    for i, layer in enumerate(get_spec(model).layers(model)):
         def keep(mod, args, i=i):
             args[0].retain_grad()
             acts[i] = args[0]
-        hooks.append(get_adapter(model).attention_output(layer).register_forward_pre_hook(keep))
+        hooks.append(get_spec(model).attention_output(layer).register_forward_pre_hook(keep))
     try:
         with attnlrp(model) if lrp else torch.enable_grad():
             x = model.get_input_embeddings()(ids).detach().requires_grad_()

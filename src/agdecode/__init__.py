@@ -7,7 +7,8 @@ Example:
     ...                                      {"role": "user", "content": "Tell me about cats."}])
     >>> out.text
 """
-from .adapters import UnsupportedArchitectureError, attnlrp, get_adapter
+from .adapters import UnsupportedArchitectureError, attnlrp
+from .architectures import get_spec
 from .errors import AgdError
 from .decoding import AGDConfig, NonFiniteLogitsError, compare, entropy, generate
 from .models import ModelNotFoundError, load_model
@@ -17,6 +18,6 @@ from .trace import GenerationResult
 __version__ = "0.1.0"
 __all__ = [
     "AGDConfig", "AgdError", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "ROI", "ROIError",
-    "UnsupportedArchitectureError", "attnlrp", "compare", "entropy", "generate", "get_adapter", "load_model",
+    "UnsupportedArchitectureError", "attnlrp", "compare", "entropy", "generate", "get_spec", "load_model",
     "render_prompt", "resolve_roi",
 ]

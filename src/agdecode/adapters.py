@@ -18,20 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import ARCHITECTURES, Spec, UnsupportedArchitectureError, get_spec, layout
+from .architectures import Spec, UnsupportedArchitectureError, get_spec, layout
 from .architectures.spec import MLP, Norm
 from .errors import AgdError, QuantizedWeightsError
 from .rules import (GATE_SHARE, KEY_SHARE, QUERY_SHARE, VALUE_SHARE, identity_rule, stop_gradient,
                     uniform_rule)
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter", "decoder_layers", "final_norm", "attnlrp", "patched", "overridden",
+__all__ = ["decoder_layers", "final_norm", "attnlrp", "patched", "overridden",
            "UnsupportedArchitectureError", "QuantizedWeightsError"]
-
-# The names engines, baselines and tests have always used: an adapter is an architecture spec.
-Adapter = Spec
-ADAPTERS: dict[str, Spec] = ARCHITECTURES
-get_adapter = get_spec
-
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers, in order (from the architecture's spec; an unmapped architecture with the

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .adapters import get_adapter
+from .architectures import get_spec
 from .engines.reverse import attribute_batch
 from .errors import AgdError
 from .checks import check_writable, positive_int
@@ -105,7 +105,7 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
         raise AgdError(f"head discovery needs n_items >= 2 (one half for each stability check), got {n_items!r}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise AgdError(f"top must be a positive number of heads, got {top!r}")
-    n_layers, n_heads = get_adapter(model).head_shape(model)
+    n_layers, n_heads = get_spec(model).head_shape(model)
     if top > n_layers * n_heads:
         raise AgdError(f"top={top} is more heads than the model has ({n_layers} layers x {n_heads} heads)")
     items = discovery_items(n_items, seed)

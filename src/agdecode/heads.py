@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .architectures import get_spec
 from .identity import model_key, same_model  # model_key re-exported
 from .errors import ROIError
 
@@ -114,7 +114,7 @@ def head_mask(spec: str, model: nn.Module) -> torch.Tensor:
         >>> head_mask("3.1,4.5", model).nonzero().tolist()
         [[3, 1], [4, 5]]
     """
-    n_layers, n_heads = get_adapter(model).head_shape(model)
+    n_layers, n_heads = get_spec(model).head_shape(model)
     pairs = parse_head_spec(spec, model)
     if pairs is None:
         found = shipped_heads(model)

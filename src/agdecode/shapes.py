@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from .errors import AgdError
 
-__all__ = ["SHAPES", "random_model"]
+__all__ = ["SHAPES", "TINY", "random_model", "tiny_config"]
 
 # Published configurations (hidden size, layers, heads, KV heads, MLP width, vocabulary).
 SHAPES: dict[str, dict] = {
@@ -44,6 +44,43 @@ SHAPES: dict[str, dict] = {
                        num_key_value_heads=4, intermediate_size=11008, vocab_size=128256, tie_word_embeddings=True),
     "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, tie_word_embeddings=True),
 }
+
+# Tiny shapes of every supported architecture (2 layers, width 64), for tests: what each
+# architecture needs beyond the common ones (head sizes, sliding windows, multipliers away from 1 so
+# each matters, a layer without rotary embeddings). :func:`tiny_config` builds them.
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY: dict[str, dict] = {
+    "llama": dict(model_type="llama", **_TINY),
+    "qwen2": dict(model_type="qwen2", **_TINY),
+    "qwen3": dict(model_type="qwen3", head_dim=16, **_TINY),
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                   layer_types=["sliding_attention", "full_attention"], **_TINY),
+    "mistral": dict(model_type="mistral", **_TINY),
+    "phi3": dict(model_type="phi3", pad_token_id=0, **_TINY),
+    "olmo2": dict(model_type="olmo2", pad_token_id=0, eos_token_id=None, **_TINY),
+    "granite": dict(model_type="granite", embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                    logits_scaling=4.0, **_TINY),
+    "smollm3": dict(model_type="smollm3", pad_token_id=0, bos_token_id=None, eos_token_id=None,
+                    no_rope_layers=[1, 0], **_TINY),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None),
+}
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides):
+    """The transformers config of a tiny ``arch`` model (tests): 2 layers, width 64, context 512.
+
+    Example:
+        >>> tiny_config("qwen3", 1000).head_dim
+        16
+    """
+    from transformers import AutoConfig
+
+    if arch not in TINY:
+        raise AgdError(f"Unknown tiny architecture {arch!r}; known: {', '.join(TINY)}")
+    spec = dict(TINY[arch])
+    positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
+    common = {"vocab_size": vocab_size, positions: 512, "initializer_range": 0.2, "tie_word_embeddings": False}
+    return AutoConfig.for_model(spec.pop("model_type"), **{**common, **spec, **overrides})
 
 
 def random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -139,6 +139,15 @@ class Spec:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return cfg.num_hidden_layers, cfg.num_attention_heads
 
+    def n_layers(self, model: nn.Module) -> int:
+        """The number of decoder layers."""
+        return self.head_shape(model)[0]
+
+    def final_softcap(self, model: nn.Module) -> float | None:
+        """The cap of ``tanh(logits / cap) * cap`` on the final logits (Gemma 2), or None."""
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return getattr(cfg, "final_logit_softcapping", None) or None
+
     def module_rules(self, norm: Callable, mlp: Callable) -> list[tuple[Callable[[nn.Module], bool], str, Callable]]:
         """(which modules, which attribute, override) for the norms and MLPs of this architecture:
         Gemma-style norms get ``_norm`` replaced, all others ``forward``."""

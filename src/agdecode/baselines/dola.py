@@ -47,7 +47,7 @@ def candidate_layers(model: nn.Module, layers: "str | list[int]") -> list[int]:
         [15, 17, 19, 21, 23, 25, 27, 29]
     """
     cfg = model.config.get_text_config()
-    n = cfg.num_hidden_layers
+    n = layout(model).n_layers(model)
     start = 2 if getattr(cfg, "tie_word_embeddings", False) else 0
     if layers == "low":
         if start >= n // 2:  # very shallow models: one layer
@@ -94,14 +94,14 @@ class DoLaSource(CachedForward):
     def __init__(self, model: nn.Module, layers: "str | list[int]" = "high", relative_top: float = RELATIVE_TOP):
         super().__init__(model)
         self.kv.extra = {"output_hidden_states": True}
-        self.n_layers = model.config.get_text_config().num_hidden_layers
+        self.n_layers = layout(model).n_layers(model)
         self.layers = candidate_layers(model, layers)
         self.relative_top = relative_top
         self.log_relative_top = math.log(relative_top)
         self.norm = final_norm(model)
         self.head = model.get_output_embeddings()
         self.scale = layout(model).logits_scale(model)  # Granite divides its logits by logits_scaling
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.softcap = layout(model).final_softcap(model)
         self._info: list[dict] = []
 
     def _early_exit(self, h: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..adapters import decoder_layers
+from ..architectures import layout
 from ..identity import steering_identity as model_identity  # re-exported: the one identity module
 from ..models import input_device
 from ..sources import CachedForward
@@ -100,7 +101,7 @@ class SteeringVector:
 
 
 def _check_layer(model: nn.Module, layer: int) -> int:
-    n = model.config.get_text_config().num_hidden_layers
+    n = layout(model).n_layers(model)
     if not 0 <= layer < n:
         raise BaselineError(f"steering layer {layer} is out of range: this model has {n} decoder layers "
                             f"(0..{n - 1}; layer L is the residual stream entering decoder layer L)")
@@ -133,7 +134,7 @@ def fit_steering_vector(model: nn.Module, tokenizer, prompts: Sequence[str], ins
         raise AgdError("prompts must be a non-empty list of non-empty strings")
     if not isinstance(instruction, str) or not instruction.strip():
         raise AgdError("instruction must be a non-empty string")
-    layer = _check_layer(model, model.config.get_text_config().num_hidden_layers // 2 if layer is None else layer)
+    layer = _check_layer(model, layout(model).n_layers(model) // 2 if layer is None else layer)
     device = input_device(model)
 
     def residual(messages: list[dict]) -> torch.Tensor:
@@ -172,7 +173,7 @@ class SteeringSource(CachedForward):
     def __init__(self, model: nn.Module, vector: SteeringVector, layer: int | None = None, weight: float = 1.0):
         super().__init__(model)
         vector.check(model)
-        n = model.config.get_text_config().num_hidden_layers
+        n = layout(model).n_layers(model)
         self.layer = _check_layer(model, layer if layer is not None else
                                   vector.layer if vector.layer is not None else n // 2)
         self.vector, self.weight = vector, float(weight)

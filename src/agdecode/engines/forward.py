@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import get_adapter, patched, register_attention
-from ..architectures import get_spec
+from ..adapters import patched, register_attention
+from ..architectures import get_spec, layout
 from ..architectures.spec import MLP, Norm
 from ..models import input_device
 from ..rules import GATE_SHARE, IDENTITY_EPS, KEY_SHARE, QUERY_SHARE, VALUE_SHARE
@@ -318,7 +318,7 @@ def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2, keep_t
         ...     out = model(inputs_embeds=torch.cat([x, x * mask[..., None]]))
         >>> logits, roi_scores = out.logits[0, -1], out.logits[1, -1]
     """
-    if getattr(model.config, "final_logit_softcapping", None):
+    if layout(model).final_softcap(model):
         raise AgdError("final logit soft-capping is not supported by the forward engine; "
                          "use engine='reverse'")
     from transformers.pytorch_utils import Conv1D
@@ -413,7 +413,7 @@ class ForwardEngine(Source):
             stack.enter_context(dual_mode(self.model, self.attribution, self.width, self._keep))
             stack.enter_context(torch.no_grad())
             if self.heads:
-                adapter = get_adapter(self.model)
+                adapter = get_spec(self.model)
                 for i, layer in enumerate(adapter.layers(self.model)):
                     hook = adapter.attention_output(layer).register_forward_pre_hook(_seed_heads(self, i))
                     stack.callback(hook.remove)

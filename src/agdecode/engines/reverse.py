@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import get_adapter, overridden
+from ..adapters import overridden
+from ..architectures import get_spec
 from ..models import input_device
 from ..sources import CachedForward, Row
 from .common import frozen, rules_for
@@ -29,7 +30,7 @@ def _with_gradients(model: nn.Module, attribution: str, heads: bool) -> Iterator
     acts: list[torch.Tensor] = []
     with contextlib.ExitStack() as stack:
         if heads:
-            adapter = get_adapter(model)
+            adapter = get_spec(model)
             for layer in adapter.layers(model):
                 h = adapter.attention_output(layer).register_forward_pre_hook(lambda mod, args: acts.append(args[0]))
                 stack.callback(h.remove)
@@ -41,7 +42,7 @@ def _with_gradients(model: nn.Module, attribution: str, heads: bool) -> Iterator
 
 def _head_relevance(model: nn.Module, acts, grads, positive: bool) -> torch.Tensor:
     """Per head: (head output x its gradient), summed over positions and the head dimension ``(..., L, H)``."""
-    n_heads = get_adapter(model).head_shape(model)[1]
+    n_heads = get_spec(model).head_shape(model)[1]
     per_layer = []
     for a, g in zip(acts, grads):
         r = (a.detach() * g).float().unflatten(-1, (n_heads, -1))                   # (..., T, H, d)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from ..adapters import get_adapter
+from ..architectures import get_spec
 from ..decoding import make_jobs, resolve_config
 from ..errors import AgdError
 from ..methods import get_method
@@ -73,7 +73,7 @@ class AgdServer:
         self.defaults = dict(DEFAULT_SETTINGS if defaults is None else defaults)
         cfg = resolve_config(model, tokenizer, **self.defaults)  # AgdError for bad defaults
         if get_method(cfg.method).guided:
-            get_adapter(model)
+            get_spec(model)
         self.strict_roi, self.read_timeout = strict_roi, read_timeout
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise AgdError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
@@ -153,7 +153,7 @@ class AgdServer:
             settings = self._without_roi_message(req, self.settings(req, notes), notes)
             cfg = resolve_config(self.model, self.tokenizer, **settings, max_new_tokens=max_tokens or 1)
             if get_method(cfg.method).guided:
-                get_adapter(self.model)  # an architecture AttnLRP does not cover: refuse before any compute
+                get_spec(self.model)  # an architecture AttnLRP does not cover: refuse before any compute
             docs = None if req.documents is None else [d.model_dump() for d in req.documents]
             template = req.template_kwargs()
             job = make_jobs(self.model, self.tokenizer, cfg, [req.conversation()], [docs], names=False,
