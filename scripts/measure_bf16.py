@@ -44,7 +44,8 @@ from agdecode.engines.forward import ForwardEngine  # noqa: E402
 from agdecode.checks import positive_int  # noqa: E402
 from agdecode.eval.datasets import load_items  # noqa: E402
 from agdecode.provenance import provenance  # noqa: E402
-from agdecode.roi import render_prompt, resolve_region  # noqa: E402
+from agdecode.prompt import render_prompt  # noqa: E402
+from agdecode.roi import resolve_region  # noqa: E402
 from agdecode.sources import Row  # noqa: E402
 
 ROI = "system"

@@ -52,7 +52,7 @@ def _positive_head_relevance(model, tokenizer, question, target, document):
 
     from agdecode import attnlrp, get_spec
     from agdecode.discovery import SYSTEM, SYSTEM_OPEN
-    from agdecode.roi import render_prompt
+    from agdecode.prompt import render_prompt
 
     messages = [{"role": "system", "content": SYSTEM_OPEN if document else SYSTEM},
                 {"role": "user", "content": question[:1].upper() + question[1:] + "?"}]

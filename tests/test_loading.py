@@ -381,7 +381,7 @@ def test_names_that_are_not_hub_ids_are_not_looked_up(name, monkeypatch):
 # --- chat-template options ------------------------------------------------------------------
 
 def test_chat_template_kwargs(tokenizer, messages):
-    from agdecode.roi import render_prompt
+    from agdecode.prompt import render_prompt
 
     saved = tokenizer.chat_template
     tokenizer.chat_template = saved + "{% if enable_thinking %}<think>{% endif %}"

@@ -12,7 +12,8 @@ from .architectures import get_spec
 from .errors import AgdError
 from .decoding import AGDConfig, NonFiniteLogitsError, compare, entropy, generate
 from .models import ModelNotFoundError, load_model
-from .roi import ROI, ROIError, render_prompt, resolve_roi
+from .prompt import render_prompt
+from .roi import ROI, ROIError, resolve_roi
 from .trace import GenerationResult
 
 __version__ = "0.1.0"

@@ -81,7 +81,8 @@ def _rules_prompts(tok, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` rules dev conversations, rendered, with their system message as the ROI: real
     prompts, on which AGD_e's entropy gate opens as it does in use (random ids rarely open it)."""
     from .eval.datasets import load_items
-    from .roi import render_prompt, resolve_region
+    from .prompt import render_prompt
+    from .roi import resolve_region
 
     items = load_items("rules", "rules").items
     out = []

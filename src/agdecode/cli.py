@@ -119,7 +119,7 @@ def _read_documents(path: str) -> list:
         docs = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AgdError(f"--documents {path}: cannot read a JSON list of documents ({e})") from None
-    from .roi import render_documents
+    from .prompt import render_documents
 
     render_documents(docs, "")  # the same checks (and messages) as generate(documents=...)
     if not docs:

@@ -30,7 +30,8 @@ from .errors import AgdError, NonFiniteLogitsError
 from .methods import get_method, method_names
 from .models import dtype_name, input_device
 from .policies import Choice, View
-from .roi import ROI, Prompt, Region, parse_rois, render_prompt, resolve_region
+from .prompt import Prompt, render_prompt
+from .roi import ROI, Region, parse_rois, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
 

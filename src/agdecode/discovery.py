@@ -36,7 +36,7 @@ from .checks import check_writable, positive_int
 from .heads import KINDS
 from .identity import model_identity, model_key
 from .models import dtype_name
-from .roi import render_prompt
+from .prompt import render_prompt
 
 __all__ = ["discovery_items", "discover_heads", "plot_heads"]
 

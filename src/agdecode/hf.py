@@ -27,7 +27,8 @@ from torch import nn
 
 from .decoding import Decoder, Job, make_jobs, resolve_config, run
 from .errors import AgdError
-from .roi import Prompt, Region, ROIError, render_prompt, resolve_region
+from .prompt import Prompt, render_prompt
+from .roi import Region, ROIError, resolve_region
 from .sources import left_pad
 
 __all__ = ["agd_generate", "generate", "prepare", "AGDGenerateOutput"]

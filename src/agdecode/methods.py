@@ -46,7 +46,8 @@ from .baselines.steering import SteeringSource, as_steering_vector
 from .engines import make_engine
 from .errors import MethodError
 from .policies import AttributionChoice, EntropyGate, Greedy, Sample
-from .roi import Prompt, Region
+from .prompt import Prompt
+from .roi import Region
 from .sources import CachedForward, Row, Source
 
 __all__ = ["DecodingMethod", "register_method", "get_method", "method_names", "MethodError", "ENTRY_POINT_GROUP"]

@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..roi import ROI, Prompt, ROIError, parse_expression, render_prompt, resolve_region, resolve_roi
+from ..prompt import Prompt, render_prompt
+from ..roi import ROI, ROIError, parse_expression, resolve_region, resolve_roi
 from ..sources import CachedForward
 
 __all__ = ["CADSource", "context_free_prompt"]

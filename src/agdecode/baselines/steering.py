@@ -32,7 +32,7 @@ from ..architectures import layout
 from ..identity import steering_identity as model_identity  # re-exported: the one identity module
 from ..models import input_device
 from ..sources import CachedForward
-from ..roi import render_prompt
+from ..prompt import render_prompt
 from . import BaselineError
 from ..errors import AgdError, SteeringVectorMismatch
 

@@ -24,7 +24,8 @@ from lm_eval.models.huggingface import HFLM
 from .. import hf
 from ..decoding import make_config
 from ..errors import AgdError
-from ..roi import render_prompt, resolve_region
+from ..prompt import render_prompt
+from ..roi import resolve_region
 
 __all__ = ["AGDLM", "main"]
 
