@@ -1,9 +1,12 @@
 """Throughput and latency of `agd serve` for 1, 8 and 32 concurrent clients (README "Server").
 
 Starts the server in this process (uvicorn in a thread, the real HTTP path) and sends the same N
-requests with C client threads for each C; C = 1 is the same requests sent one at a time. One
-JSONL record per request is appended to OUT.jsonl (a rerun skips the (method, clients) pairs already
-there); the table goes to OUT.md and OUT.json.
+requests with C client threads for each C; C = 1 is the same requests sent one at a time. The
+methods are interleaved (round 1: greedy, AGD_e at each C; round 2: the same; ...), so a noisy
+neighbour hits both alike; the table reports medians over rounds with their [min-max] spread, and
+AGD_e's throughput as a ratio of greedy's measured in the same round. One JSONL record per request
+is appended to OUT.jsonl (a rerun skips the (round, method, clients) cells already there); the
+table goes to OUT.md and OUT.json.
 
     PYTHONPATH=src python scripts/bench_serve.py --model smollm2 --requests 32 --max-tokens 32 \\
         --out docs/bench/serve-smollm2-cpu
@@ -55,30 +58,49 @@ def percentile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
 
 
+def _cell(rs: list[dict]) -> dict:
+    wall = max(r["end"] for r in rs) - min(r["start"] for r in rs)
+    tokens = sum(r["completion_tokens"] for r in rs)
+    return {"tokens_per_s": tokens / wall, "requests_per_s": len(rs) / wall, "wall_s": wall, "tokens": tokens}
+
+
 def summarise(records: list[dict]) -> list[dict]:
+    """One row per (method, clients): medians over rounds [min, max], latency percentiles over every
+    request, and per round the ratio to greedy's throughput at the same number of clients."""
+    cells: dict[tuple, dict] = {}
+    for r in records:
+        cells.setdefault((r["method"], r["clients"], r.get("round", 0)), []).append(r)
+    per = {k: _cell(v) for k, v in cells.items()}
     rows = []
     for method in METHODS:
-        for c in sorted({r["clients"] for r in records if r["method"] == method}):
-            rs = [r for r in records if r["method"] == method and r["clients"] == c]
-            wall = max(r["end"] for r in rs) - min(r["start"] for r in rs)
-            lat = [r["latency_s"] for r in rs]
-            tokens = sum(r["completion_tokens"] for r in rs)
-            rows.append({"method": method, "clients": c, "requests": len(rs), "tokens": tokens, "wall_s": wall,
-                         "tokens_per_s": tokens / wall, "requests_per_s": len(rs) / wall,
-                         "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95)})
-    for row in rows:  # speed-up over the same requests sent one at a time
-        one = next((r for r in rows if r["method"] == row["method"] and r["clients"] == 1), None)
-        row["speedup"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
+        for c in sorted({k[1] for k in per if k[0] == method}):
+            rounds = sorted(k[2] for k in per if k[:2] == (method, c))
+            tps = [per[(method, c, k)]["tokens_per_s"] for k in rounds]
+            lat = [r["latency_s"] for k in rounds for r in cells[(method, c, k)]]
+            ratio = [per[(method, c, k)]["tokens_per_s"] / per[("greedy", c, k)]["tokens_per_s"]
+                     for k in rounds if ("greedy", c, k) in per]
+            one = [per[(method, c, k)]["tokens_per_s"] / per[(method, 1, k)]["tokens_per_s"]
+                   for k in rounds if (method, 1, k) in per]
+            rows.append({"method": method, "clients": c, "rounds": len(rounds),
+                         "requests": sum(len(cells[(method, c, k)]) for k in rounds),
+                         "tokens_per_s": statistics.median(tps), "tokens_per_s_range": [min(tps), max(tps)],
+                         "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95),
+                         "speedup": statistics.median(one) if one else None,
+                         "x_greedy": statistics.median(ratio) if ratio else None,
+                         "x_greedy_range": [min(ratio), max(ratio)] if ratio else None})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | clients | requests | tokens | wall (s) | tokens/s | requests/s | p50 latency (s) | "
-             "p95 latency (s) | throughput vs one at a time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | clients | rounds | tokens/s, median [min-max] | x greedy, same round [min-max] | "
+             "p50 latency (s) | p95 latency (s) | throughput vs one at a time |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
-                     f"{r['speedup']:.2f}x |")
+        lo, hi = r["tokens_per_s_range"]
+        ratio = ("-" if r["x_greedy"] is None else
+                 f"{r['x_greedy']:.2f} [{r['x_greedy_range'][0]:.2f}-{r['x_greedy_range'][1]:.2f}]")
+        lines.append(f"| {r['method']} | {r['clients']} | {r['rounds']} | {r['tokens_per_s']:.1f} [{lo:.1f}-{hi:.1f}] | "
+                     f"{ratio} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+                     f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} |")
     return "\n".join(lines)
 
 
@@ -93,6 +115,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every (method, clients) cell")
     ap.add_argument("--out", default="docs/bench/serve-smollm2-cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,31 +138,32 @@ def main() -> None:
     uv, thread, url = serve_in_thread(server)
     convs = requests(args.requests)
     try:
-        for method in args.methods.split(","):
-            for clients in map(int, args.clients.split(",")):
-                if any(r["method"] == method and r["clients"] == clients for r in done):
-                    continue
-                client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        cells = [(rnd, clients, method) for rnd in range(args.rounds) for clients in map(int, args.clients.split(","))
+                 for method in args.methods.split(",")]  # interleaved: every method in every round
+        for rnd, clients, method in cells:
+            if any((r.get("round", 0), r["method"], r["clients"]) == (rnd, method, clients) for r in done):
+                continue
+            client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
 
-                def one(i: int) -> dict:
-                    start = time.perf_counter()
-                    r = client.chat.completions.create(model=name, messages=convs[i], max_tokens=args.max_tokens,
-                                                       extra_body={"agd": METHODS[method]})
-                    end = time.perf_counter()
-                    return {"method": method, "clients": clients, "request": i, "start": start, "end": end,
-                            "latency_s": end - start, "prompt_tokens": r.usage.prompt_tokens,
-                            "completion_tokens": r.usage.completion_tokens,
-                            "finish_reason": r.choices[0].finish_reason,
-                            "guided_steps": r.model_extra["agd"]["guided_steps"], "text": r.choices[0].message.content}
+            def one(i: int) -> dict:
+                start = time.perf_counter()
+                r = client.chat.completions.create(model=name, messages=convs[i], max_tokens=args.max_tokens,
+                                                   extra_body={"agd": METHODS[method]})
+                end = time.perf_counter()
+                return {"round": rnd, "method": method, "clients": clients, "request": i, "start": start, "end": end,
+                        "latency_s": end - start, "prompt_tokens": r.usage.prompt_tokens,
+                        "completion_tokens": r.usage.completion_tokens,
+                        "finish_reason": r.choices[0].finish_reason,
+                        "guided_steps": r.model_extra["agd"]["guided_steps"], "text": r.choices[0].message.content}
 
-                with ThreadPoolExecutor(clients) as pool:
-                    recs = list(pool.map(one, range(args.requests)))
-                with path.open("a") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-                done += recs
-                row = summarise(recs)[0]
-                print(f"{method:7s} clients={clients:3d}: {row['tokens_per_s']:.1f} tokens/s, "
-                      f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
+            with ThreadPoolExecutor(clients) as pool:
+                recs = list(pool.map(one, range(args.requests)))
+            with path.open("a") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+            done += recs
+            row = summarise(recs)[0]
+            print(f"round {rnd} {method:7s} clients={clients:3d}: {row['tokens_per_s']:.1f} tokens/s, "
+                  f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
     finally:
         uv.should_exit = True
         thread.join()
@@ -160,7 +184,7 @@ def main() -> None:
         f"{args.requests} requests x {args.max_tokens} max tokens; server max batch {args.max_batch}; "
         f"torch threads {args.threads}. Command:\n\n"
         f"    PYTHONPATH=src python scripts/bench_serve.py --model {args.model} --device {args.device} "
-        f"--requests {args.requests} --max-tokens {args.max_tokens} --out {args.out}\n\n"
+        f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} --out {args.out}\n\n"
         f"{table(rows)}\n\nEvery request got {'the same' if same else 'NOT the same'} text at every number of "
         f"clients. Raw per-request records: `{path.name}`.\n")
     print(table(rows))
