@@ -97,3 +97,37 @@ def test_a_request_that_fails_in_prefill_fails_alone(model, tokenizer):
     for i in (0, 2):
         assert out[i][1] is None and out[i][0].token_ids == want[i].token_ids
     assert torch.equal(jobs[0].row.input_ids, make_jobs(model, tokenizer, cfg, CONVS[:1])[0].row.input_ids)
+
+
+def test_min_new_tokens_holds_end_of_sequence_back(model, tokenizer):
+    first = agdecode.generate(model, tokenizer, CONVS[0], method="greedy", max_new_tokens=1).token_ids[0]
+    cfg = resolve_config(model, tokenizer, method="greedy", max_new_tokens=4, min_new_tokens=3)
+    jobs = make_jobs(model, tokenizer, cfg, CONVS[:1])
+    run(Decoder(model, tokenizer, cfg, eos_ids={first}), jobs, 1)  # its first choice is "end of sequence"
+    assert first not in jobs[0].out_ids[:3] and len(jobs[0].out_ids) >= 3
+
+
+def test_a_batch_that_breaks_after_a_row_finished_still_answers_that_row(model, tokenizer):
+    from agdecode.methods import DecodingMethod, register_method, unregister_method
+    from agdecode.sources import CachedForward
+
+    class Breaks(CachedForward):
+        def step(self, token_ids):
+            raise MemoryError("out of memory in the step after row 0 finished")
+
+    class BreakingGreedy(DecodingMethod):
+        name = "breaks-test"
+
+        def source(self, cfg, model, n_rois, heads):
+            return Breaks(model)
+
+    register_method(BreakingGreedy)
+    try:
+        cfg = resolve_config(model, tokenizer, method="breaks-test", max_new_tokens=4)
+        jobs = make_jobs(model, tokenizer, cfg, CONVS[:2])
+        jobs[0].max_new_tokens = 1  # finishes at the first step, the one that then breaks
+        out = _serve(model, tokenizer, [(j, cfg) for j in jobs])
+    finally:
+        unregister_method("breaks-test")
+    assert out[0][1] is None and len(out[0][0].token_ids) == 1
+    assert out[1][0] is None and "out of memory" in str(out[1][1])

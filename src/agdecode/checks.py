@@ -81,7 +81,7 @@ def check_not_clobbering(path: str | Path, what: str, own: Callable[[Path], bool
     for given in inputs:
         if given is not None and p.exists() and Path(given).exists() and p.resolve() == Path(given).resolve():
             raise AgdError(f"{what} {str(path)!r} is also the input: it would be overwritten; choose another name.")
-    if p.exists() and not p.is_dir() and not (own is not None and own(p)):
+    if p.exists() and not p.is_dir() and p.stat().st_size and not (own is not None and own(p)):
         raise AgdError(f"{what} {str(path)!r} exists and was not written by agd: it is kept as it is; "
                        "choose another name or remove it first.")
 
@@ -90,7 +90,7 @@ def is_agd_json(path: Path, key: str) -> bool:
     """Whether ``path`` is a JSON object (or an object of them) that agdecode wrote: it has ``key``."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(50_000_000))
+            data = json.loads(f.read())
     except (OSError, ValueError, RecursionError):
         return False
     if not isinstance(data, dict):

@@ -298,6 +298,8 @@ def _resume(out: Path, convs: list[dict], cfg, model) -> set[str]:
         before = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise AgdError(f"{sidecar}: cannot read it ({e}); choose another --output") from None
+    if not isinstance(before, dict) or not isinstance(before.get("settings"), dict):
+        raise AgdError(f"{sidecar} is not a sidecar written by agd generate --input; choose another --output")
     keys = sorted(k for k in made_from["settings"] if (before.get("settings") or {}).get(k) != made_from["settings"][k])
     differs = [what for key, what in (("input_sha256", "from other input conversations"),
                                       ("settings", f"with other settings ({', '.join(keys)})"),

@@ -64,7 +64,7 @@ class AGDConfig:
     attribution: str = "lrp"
     engine: str = ENGINES[0]
     max_new_tokens: int = 128
-    min_new_tokens: int = 0  # as in transformers: end-of-sequence does not stop generation before this
+    min_new_tokens: int = 0  # as in transformers: end-of-sequence cannot be chosen before this many tokens
     # Logits processing and stopping, as in transformers' generate; every method, AGD included.
     repetition_penalty: float | None = None  # None = 1.0, or 1.2 with dola (the DoLa authors' setting)
     no_repeat_ngram_size: int = 0
@@ -281,6 +281,7 @@ class Decoder:
         A row whose logits are broken (NaN, +inf, nothing finite) or whose own processor raises
         finishes with ``finish_reason="error"`` and ``job.error``; the other rows go on unchanged."""
         logits = self._process(self.logits)                                     # (B, V)
+        logits = self._hold_eos(logits)
         bad = ~(logits.isfinite().any(-1)) | logits.isnan().any(-1) | logits.isposinf().any(-1)
         for i in bad.nonzero().flatten().tolist():  # -inf is a legitimate mask (DoLa); NaN/+inf a broken model
             self.jobs[i].error = self.jobs[i].error or NonFiniteLogitsError(
@@ -312,6 +313,16 @@ class Decoder:
         if self.jobs:
             self.logits = self.source.step(choice.chosen[live])
         return failed + [j for j, d in zip(jobs, done) if d]
+
+    def _hold_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        """min_new_tokens, as in transformers: end-of-sequence cannot be chosen before it."""
+        n, eos = self.config.min_new_tokens, [t for t in self.eos if 0 <= t < logits.shape[-1]]
+        short = [i for i, j in enumerate(self.jobs) if len(j.out_ids) < n] if n and eos else []
+        if not short:
+            return logits
+        logits = logits.clone() if logits is self.logits else logits  # the source's own tensor stays as it was
+        logits[torch.tensor(short)[:, None], torch.tensor(eos)[None, :]] = float("-inf")
+        return logits
 
     def remove(self, jobs: Sequence[Job]) -> None:
         """Take ``jobs`` out of the batch between steps (failed, cancelled from outside), freeing their rows."""
@@ -596,6 +607,9 @@ def make_jobs(model: nn.Module, tokenizer, cfg: AGDConfig, conversations: Sequen
     """
     method = get_method(cfg.method)
     documents = [None] * len(conversations) if documents is None else documents
+    if len(documents) != len(conversations):
+        raise AgdError(f"documents has {len(documents)} entries for {len(conversations)} conversations: pass one "
+                       "list (or None) per conversation")
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise AgdError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
     jobs = []

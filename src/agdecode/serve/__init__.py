@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from ..checks import port, positive_int, threshold
+from ..errors import MissingPackageError
 from ..models import DTYPE_HELP
 
 __all__ = ["register_serve", "cmd_serve", "served_name", "create_app", "AgdServer"]
@@ -65,10 +66,13 @@ def cmd_serve(args) -> int:
                             server=_server_options(args)),
                        host=args.host, port=args.port, replicas=args.replicas, address=args.ray_address,
                        num_gpus=args.num_gpus_per_replica, num_cpus=args.num_cpus_per_replica)
-    try:
-        import uvicorn
-    except ImportError:
-        raise ImportError("agd serve needs the serve extra: pip install 'agdecode[serve]'") from None
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackageError(f"agd serve needs the serve extra ({', '.join(missing)} missing): "
+                                  "pip install 'agdecode[serve]'")
+    import uvicorn
     import torch
 
     from ..models import load_model

@@ -114,8 +114,13 @@ class AgdServer:
         if req.min_tokens:
             settings["min_new_tokens"] = req.min_tokens
         if stochastic:
+            if req.temperature == 0:
+                raise ApiError(400, f"method {method!r} samples: temperature 0 would mean greedy; use a temperature "
+                                    "> 0, or agd.method 'greedy'", "temperature")
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            settings.update(temperature=temperature or 1.0, top_p=req.top_p or 1.0, seed=seed)
+            settings.update(temperature=req.temperature or 1.0, top_p=req.top_p or 1.0, seed=seed)
+        elif req.top_k not in (None, -1, 0) and notes is not None:
+            notes.append(f"top_k {req.top_k} not applied: method {method!r} does not sample")
         if req.stop:
             settings["stop_strings"] = list(req.stop)
         return settings
@@ -124,7 +129,7 @@ class AgdServer:
         """A guided method whose default ROI names a message the request lacks (a chat without a system
         message; a completion has no messages at all): greedy, with a note; or, under ``--strict-roi``
         or when the request chose the ROI itself, left to the ROI check (a 400 naming the message)."""
-        if not get_method(settings["method"]).guided:
+        if not get_method(settings["method"]).uses_roi:
             return settings
         conv = req.conversation()
         roles = {m["role"] for m in conv} if isinstance(conv, list) else set()

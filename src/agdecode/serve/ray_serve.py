@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 
-from ..errors import AgdError
+from ..errors import AgdError, MissingPackageError
 from ..eval.ray_runner import init_ray
 
 __all__ = ["deployment", "run_ray"]
@@ -70,7 +70,7 @@ def run_ray(options: dict, host: str = "127.0.0.1", port: int = 8000, replicas: 
         import ray
         from ray import serve
     except ImportError:
-        raise ImportError("agd serve --replicas needs Ray Serve: pip install 'ray[serve]'") from None
+        raise MissingPackageError("agd serve --replicas needs Ray Serve: pip install 'agdecode[serve-ray]'") from None
     if not isinstance(replicas, int) or replicas < 1:
         raise AgdError(f"--replicas must be an integer >= 1, got {replicas!r}")
     if num_gpus and options["device"] == "cpu":

@@ -141,7 +141,7 @@ class Scheduler:
                     self._step(decoder)
                 except Exception as e:  # a broken batch fails its own requests, not other decoders'
                     log.exception("decoding failed; failing %d request(s)", len(decoder.jobs))
-                    self._fail(decoder, DecodingError(f"{type(e).__name__}: {e}"))
+                    self._fail(key, decoder, DecodingError(f"{type(e).__name__}: {e}"))
             for key in [k for k, d in self._decoders.items() if not d.jobs]:
                 self._close_decoder(key)
         for key in list(self._decoders):
@@ -158,7 +158,8 @@ class Scheduler:
             pass
 
     def _rows(self) -> int:
-        return sum(len(d.jobs) for d in self._decoders.values())
+        # list(): /metrics reads this from the event loop while the scheduler thread adds decoders.
+        return sum(len(d.jobs) for d in list(self._decoders.values()))
 
     def _admit(self) -> None:
         """Move waiting requests, first come first served, into their configuration's batch while
@@ -244,15 +245,24 @@ class Scheduler:
         log.info("request %s finished: cancelled before it started", req.id)
         req.done(None, None)
 
-    def _fail(self, decoder: Decoder, error: BaseException) -> None:
-        """Fail every request ``decoder`` holds (its batch is broken) and empty it."""
-        jobs = list(decoder.jobs)
+    def _fail(self, key: str, decoder: Decoder, error: BaseException) -> None:
+        """Answer every live request of this configuration after its batch broke mid-step: a row that had
+        already finished (the step took it out before failing) gets its result, the others ``error``;
+        the decoder is emptied (it closes when the loop sees it empty)."""
         try:
-            decoder.remove(jobs)  # empties the decoder (it closes when the loop sees it empty)
+            decoder.remove(list(decoder.jobs))
         except Exception:
             log.exception("could not free the rows of a failed batch")
-        for job in jobs:
-            self._live.pop(id(job)).done(None, error)
+        for jid, req in [(j, r) for j, r in self._live.items() if r.key == key]:
+            del self._live[jid]
+            job = req.job
+            if job.error is None and job.finish_reason in ("stop", "length"):
+                try:
+                    req.done(decoder.result(job), None)
+                    continue
+                except Exception:
+                    pass
+            req.done(None, job.error or error)
 
     def _fail_all(self, error: BaseException) -> None:
         for decoder in self._decoders.values():

@@ -190,6 +190,8 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parall
 def unsupported(req: ChatRequest | CompletionRequest) -> tuple[str, str] | None:
     """``(param, message)`` for the first feature this server does not implement, else None."""
     unknown = sorted(set(req.model_extra or {}) - IGNORED_FIELDS)
+    if isinstance(req, CompletionRequest) and "chat_template_kwargs" in unknown:
+        return "chat_template_kwargs", "a completion has no chat template: drop chat_template_kwargs"
     if unknown:
         return unknown[0], (f"{unknown[0]!r} is not supported by this server (supported: the OpenAI fields, "
                             "vLLM's repetition_penalty, min_tokens, top_k, ignore_eos, chat_template_kwargs, "
@@ -207,8 +209,8 @@ def unsupported(req: ChatRequest | CompletionRequest) -> tuple[str, str] | None:
     elif req.chat_template_kwargs is not None and req.agd is not None and req.agd.chat_template_kwargs is not None:
         return "chat_template_kwargs", "chat_template_kwargs is given twice (top level and in 'agd'): give it once"
     checks = [
-        ("top_k", req.top_k not in (None, -1, 0), "top_k is not supported (use -1 or leave it out; "
-                                                  "sampling narrows with top_p)"),
+        ("top_k", req.top_k not in (None, -1, 0) and (req.temperature or 0) > 0,
+         "top_k is not supported when sampling (use -1 or leave it out; sampling narrows with top_p)"),
         ("n", req.n not in (None, 1), "n must be 1: AGD decoding gives one completion per request"),
         ("presence_penalty", req.presence_penalty not in (None, 0), "presence_penalty is not supported (use 0)"),
         ("frequency_penalty", req.frequency_penalty not in (None, 0), "frequency_penalty is not supported (use 0)"),
