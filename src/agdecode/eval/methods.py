@@ -41,6 +41,9 @@ PRESETS: dict[str, Preset] = {m.name: m for m in [
            "AGD_e, Input x Gradient, tau = 1.734"),
     Preset("agd-ixg-gated-auto", "agd", {"attribution": "ixg", "entropy_threshold": "auto"},
            "AGD_e, Input x Gradient, calibrated gate"),
+    Preset("agd-gated-rel0.25", "agd", {"attribution": "lrp", "entropy_threshold": PAPER_TAU, "min_prob_ratio": 0.25},
+           "AGD_e with candidates within 0.25 x the top token's probability (the project's variant, tuned on "
+           "rules-calibration)"),
     Preset("greedy-rp1.2", "greedy", {"repetition_penalty": 1.2}, "greedy with a repetition penalty of 1.2"),
     Preset("agd-rp1.1", "agd", {"attribution": "lrp", "repetition_penalty": 1.1},
            "AGD with a repetition penalty of 1.1 (processed logits feed the candidates)"),
