@@ -120,3 +120,13 @@ def test_archive_cli(tmp_path, capsys):
     runs = _runs(tmp_path)
     assert main(["eval", "archive", str(runs), "--to", str(tmp_path / "arch")]) == 0
     assert (tmp_path / "arch" / "qa-toy" / "agd" / "records.jsonl.gz").is_file()
+
+
+def test_the_variant_dev_tuning_table_is_what_its_committed_records_give():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("variant_dev", ROOT / "scripts" / "variant_dev.py")
+    variant_dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variant_dev)
+    doc = (ROOT / "docs" / "variant" / "dev-tuning.md").read_text()
+    assert variant_dev.table(ROOT / "docs" / "variant") in doc
