@@ -69,3 +69,22 @@ def test_runs_in_another_dtype_get_their_own_table(tmp_path):
     text = build_report([tmp_path], tmp_path / "rep", plots=False)
     assert text.count("| greedy | 20 |") == 2 and text.count("| agd | 20 |") == 2
     assert "bfloat16" in text and "+0.500 [" in text and "+1.000 [" in text
+
+
+def test_planned_pairs_get_their_own_table_with_holm_over_the_primary_metric(tmp_path):
+    from agdecode.eval.report import _pairs_table
+
+    def run(method, hits):
+        return {"settings": {"method": method}, "records": [
+            {"id": f"i{k}", "scores": {"prompt_strict": h, "inst_strict": [h]}, "quality": {"logprob": -1.0 + h}}
+            for k, h in enumerate(hits)]}
+
+    runs = [run("agd", [True] * 8 + [False] * 2), run("agd-ixg", [False] * 10), run("agd-gated", [True] * 5 + [False] * 5)]
+    table = _pairs_table("rules", runs)
+    rows = [line for line in table.splitlines() if line.startswith("| agd")]
+    assert [r.split(" | ")[0] for r in rows] == ["| agd - agd-ixg"] * 2 + ["| agd - agd-gated"] * 2
+    ixg = rows[0].split(" | ")
+    assert ixg[1] == "prompt_strict" and ixg[4] == "8/0" and ixg[5] == "0.008"  # sign test: 2 x 0.5**8
+    assert ixg[6] == "0.016"  # Holm over the two prompt_strict tests
+    assert rows[1].split(" | ")[6] == "-" and ixg[7].startswith("+0.80")
+    assert _pairs_table("rules", runs[:1]) is None

@@ -265,6 +265,50 @@ def _groups(runs: list[dict]) -> dict[str, tuple[tuple, list[dict]]]:
     return named
 
 
+# The planned head-to-head comparisons (beside each method vs greedy): the paper's ablations (AttnLRP vs
+# Input x Gradient, AGD vs its gate) and the project's variant against AGD_e. A table NAME-pairs lists
+# those whose two methods ran on the set, Holm-adjusted over its primary-metric tests.
+PAIRS = [("agd", "agd-ixg"), ("agd-gated", "agd-ixg-gated"), ("agd", "agd-gated"),
+         ("agd-gated-rel0.25", "agd-gated"), ("agd@heads:in-context", "agd"), ("agd", "cad"), ("agd", "dola"),
+         ("agd@heads:parametric", "dola"), ("agd-gated@heads:parametric", "dola")]
+
+
+def _paired_mean(a: dict, b: dict, seed: int = 0) -> tuple[int, float, float, float]:
+    """(n, mean of a - b, 95 % bootstrap CI) over the ids both have."""
+    ids = sorted(set(a) & set(b))
+    d = np.array([a[i] - b[i] for i in ids])
+    if not len(d):
+        return 0, math.nan, math.nan, math.nan
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(B, len(d)))].mean(1)
+    return len(d), float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _pairs_table(task: str, runs: list[dict]) -> str | None:
+    by = {r["settings"]["method"]: r for r in runs}
+    pairs = [(x, y) for x, y in PAIRS if x in by and y in by]
+    if not pairs:
+        return None
+    primary = PRIMARY[task]
+    metrics = [primary] + (["inst_strict"] if task == "rules" else [])
+    tested = [t for t in ((x, y, m, paired_vs(by[x], by[y], m)) for x, y in pairs for m in metrics) if t[3]["n"]]
+    if not tested:
+        return None
+    adjusted = holm([t[3]["p"] for t in tested if t[2] == primary])
+    lines = ["| comparison | metric | n | Δ [95 % CI] | won/lost | p | p (Holm) | Δ logprob [95 % CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    k = 0
+    for x, y, m, pv in tested:
+        holm_p = "-"
+        if m == primary:
+            holm_p, k = f"{adjusted[k]:.3f}", k + 1
+        lp = {n: {r["id"]: r["quality"]["logprob"] for r in by[n]["records"]
+                  if r["quality"].get("logprob") is not None} for n in (x, y)}
+        n, d, lo, hi = _paired_mean(lp[x], lp[y])
+        lines.append(f"| {x} - {y} | {m} | {pv['n']} | {pv['delta']:+.3f} [{pv['lo']:+.3f}, {pv['hi']:+.3f}] | "
+                     f"{pv['wins']}/{pv['losses']} | {pv['p']:.3f} | {holm_p} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+    return "\n".join(lines)
+
+
 def markdown_tables(paths: list[str | Path]) -> dict[str, str]:
     """One markdown table per task x data set (x model) of the runs under ``paths``, by table name.
 
@@ -275,7 +319,13 @@ def markdown_tables(paths: list[str | Path]) -> dict[str, str]:
         >>> print(markdown_tables(["docs/results"])["rules-rules"])
         | method | n | prompt_strict | ...
     """
-    return {name: _table(key[0], group)[0] for name, (key, group) in _groups(load_runs(paths)).items()}
+    tables = {}
+    for name, (key, group) in _groups(load_runs(paths)).items():
+        tables[name] = _table(key[0], group)[0]
+        pairs = _pairs_table(key[0], group)
+        if pairs is not None:
+            tables[f"{name}-pairs"] = pairs
+    return tables
 
 
 def marked_blocks(text: str) -> dict[str, str]:
