@@ -182,3 +182,16 @@ def test_min_prob_ratio_narrows_the_candidates_to_those_near_the_top_token():
     assert chosen(0.0) == ([3, 8], ["attribution", "attribution"])   # the paper: p >= 0.05
     assert chosen(0.3) == ([1, 7], ["attribution", "attribution"])   # floors 0.18 and 0.06
     assert chosen(0.5) == ([0, 7], ["single", "attribution"])        # a sure step keeps its top token
+
+
+def test_there_is_no_pseudo_roi_and_roi_none_needs_regions(tokenizer, messages):
+    from agdecode.roi import ROI
+
+    with pytest.raises(AgdError, match="Cannot parse ROI 'mask'"):
+        ROI.parse("mask")
+    model = make_tiny("llama", len(tokenizer))
+    with pytest.raises(AgdError, match="needs a ROI"):
+        generate(model, tokenizer, messages, roi=None, max_new_tokens=1)
+    with pytest.raises(AgdError, match="needs a ROI to leave out"):
+        generate(model, tokenizer, messages, method="cad", roi=None, max_new_tokens=1)
+    assert generate(model, tokenizer, messages, method="greedy", roi=None, max_new_tokens=2).config["roi"] == []

@@ -130,3 +130,15 @@ def test_the_variant_dev_tuning_table_is_what_its_committed_records_give():
     spec.loader.exec_module(variant_dev)
     doc = (ROOT / "docs" / "variant" / "dev-tuning.md").read_text()
     assert variant_dev.table(ROOT / "docs" / "variant") in doc
+
+
+def test_the_bf16_against_fp32_tables_are_what_the_precision_records_give(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmp"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_precision.py"), "docs/precision/rules-float32",
+                    "docs/precision/rules-bfloat16", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
+    doc = DOC.read_text()
+    assert len(rows) > 10 and all(row in doc for row in rows)

@@ -56,7 +56,7 @@ class AGDConfig:
     """
 
     method: str = "agd"
-    roi: str | ROI | list = "system"
+    roi: str | ROI | list | None = "system"  # None: the ROI regions come with the jobs (token ids + regions)
     k: int = 5
     min_prob: float = 0.05
     min_prob_ratio: float = 0.0  # candidates also need p >= ratio * p(top token) (the project's variant; 0 = paper)
@@ -120,7 +120,8 @@ class AGDConfig:
         if not _int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             got = f"an integer of {self.seed.bit_length()} bits" if _int(self.seed) else repr(self.seed)[:80]
             raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {got}")
-        parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
+        if self.roi is not None:
+            parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
         validate_settings(self)
         for other in method_names():  # a setting only another method reads is a mistake worth a word
             for name in get_method(other).owns if other != self.method else ():
@@ -130,6 +131,8 @@ class AGDConfig:
         return self
 
     def roi_list(self) -> list:
+        if self.roi is None:
+            return []
         return list(self.roi) if isinstance(self.roi, (list, tuple)) else [self.roi]
 
     def to_dict(self) -> dict:
@@ -620,6 +623,9 @@ def make_jobs(model: nn.Module, tokenizer, cfg: AGDConfig, conversations: Sequen
         else:
             p = render_prompt(tokenizer, conv, documents=docs, chat_template_kwargs=chat_template_kwargs)
             ids, conv = p.input_ids[0], conv if not isinstance(conv, str) else None
+            if method.guided and cfg.roi is None:
+                raise AgdError(f"method {cfg.method!r} needs a ROI: set roi= (e.g. 'system'), or pass token ids "
+                               "with their ROI regions")
             rs = [resolve_region(r, p, model) for r in cfg.roi_list()] if method.guided else []
         _check_length(model, len(ids), cfg.max_new_tokens, which)
         if method.guided and not rs:

@@ -165,7 +165,8 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
         raise AgdError(f"max_length={gen.max_length} leaves no room after the {width}-token prompt: set max_new_tokens")
     regions, prompts = _regions(model, tokenizer, seqs, pads, roi_mask, roi, messages)
     settings = {n: v for n, v in zip(_SETTINGS, (k, min_prob, entropy_threshold, attribution, engine)) if v is not None}
-    cfg = resolve_config(model, tokenizer, roi=roi if roi is not None else "mask", max_new_tokens=max_new, **settings)
+    # roi_mask=: the regions come with the jobs (no ROI to resolve), so the config names none.
+    cfg = resolve_config(model, tokenizer, roi=roi, max_new_tokens=max_new, **settings)
     criteria = [c for c in stopping_criteria if type(c).__name__ != "MaxLengthCriteria"]  # = each job's max_new_tokens
     jobs = [make_jobs(model, tokenizer, cfg, [s], stopping_criteria=criteria, regions=rs, prompt=p)[0]
             for s, rs, p in zip(seqs, regions, prompts)]

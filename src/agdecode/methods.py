@@ -136,6 +136,10 @@ class CADMethod(DecodingMethod):
     name, about = "cad", "context-aware decoding (Shi et al., 2024): contrast with the prompt without the ROI"
     uses_roi = True
 
+    def validate(self, cfg):
+        if cfg.roi is None:
+            raise MethodError("method 'cad' needs a ROI to leave out (roi=, e.g. 'context')")
+
     def source(self, cfg, model, n_rois, heads):
         return CADSource(model, cfg.cad_alpha)
 

@@ -90,8 +90,6 @@ class ROI:
             return cls.role(s)
         if s == "context":
             return cls("context", ())
-        if s == "mask":  # token weights the caller passes directly (agdecode.hf's roi_mask=)
-            return cls("mask", ())
         kind, _, arg = s.partition(":")
         if kind == "role" and arg.strip():
             return cls.role(arg.strip())
@@ -122,7 +120,7 @@ class ROI:
         raise ROIError(f"Cannot parse ROI {_short(spec)}; {_ROI_HELP}.")
 
     def __str__(self) -> str:
-        if self.kind in ("role", "context", "mask"):
+        if self.kind in ("role", "context"):
             return self.value[0] if self.value else self.kind
         if self.kind == "chars":
             return f"chars:{self.value[0]}-{self.value[1]}"
@@ -185,9 +183,6 @@ def resolve_roi(spec: "str | ROI", prompt: Prompt) -> torch.Tensor:
     """
     roi = ROI.parse(spec)
     n = len(prompt)
-    if roi.kind == "mask":
-        raise ROIError("ROI 'mask' stands for token weights passed directly (roi_mask=); there is nothing to "
-                       "resolve against a prompt.")
     if roi.kind in ("role", "message"):
         if prompt.messages is None:
             raise ROIError(f"ROI {str(roi)!r} needs chat messages, but the prompt is a plain string.")
