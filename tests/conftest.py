@@ -67,6 +67,14 @@ def save_tiny(tokenizer, folder, arch: str = "llama"):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random llama with the SmolLM2 tokenizer, saved once as a model folder (CLI tests)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny(tokenizer, d)
+    return d
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -8,15 +8,11 @@ import sys
 import pytest
 
 from agdecode.cli import main
-from conftest import make_tiny
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny("llama", len(tokenizer)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_generate_compare_writes_both_traces(model_dir, tmp_path, capsys):

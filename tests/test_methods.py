@@ -42,12 +42,9 @@ def lowest():
     unregister_method("lowest-test")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny("llama", len(tokenizer)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _is_lowest(steps) -> bool:

@@ -7,17 +7,13 @@ import json
 import pytest
 
 from agdecode.cli import main
-from conftest import make_tiny
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    make_tiny("llama", len(tokenizer)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture

@@ -151,11 +151,16 @@ def paired_vs(run: dict, base: dict, metric: str, seed: int = 0) -> dict:
     if not ids:
         return {"n": 0}
     d = np.array([a[i][0] / a[i][1] - b[i][0] / b[i][1] for i in ids])
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(B, len(d)))
-    means = d[idx].mean(1)
+    delta, lo, hi = _bootstrap_mean(d, seed)
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
-    return {"n": len(ids), "delta": float(d.mean()), "lo": float(np.percentile(means, 2.5)),
-            "hi": float(np.percentile(means, 97.5)), "wins": wins, "losses": losses, "p": sign_test(wins, losses)}
+    return {"n": len(ids), "delta": delta, "lo": lo, "hi": hi, "wins": wins, "losses": losses,
+            "p": sign_test(wins, losses)}
+
+
+def _bootstrap_mean(d: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the paired differences ``d`` and its 95 % bootstrap CI over items."""
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(B, len(d)))].mean(1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def _rate(run: dict, metric: str) -> tuple[float, float, float]:
@@ -276,11 +281,9 @@ PAIRS = [("agd", "agd-ixg"), ("agd-gated", "agd-ixg-gated"), ("agd", "agd-gated"
 def _paired_mean(a: dict, b: dict, seed: int = 0) -> tuple[int, float, float, float]:
     """(n, mean of a - b, 95 % bootstrap CI) over the ids both have."""
     ids = sorted(set(a) & set(b))
-    d = np.array([a[i] - b[i] for i in ids])
-    if not len(d):
+    if not ids:
         return 0, math.nan, math.nan, math.nan
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(B, len(d)))].mean(1)
-    return len(d), float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return (len(ids), *_bootstrap_mean(np.array([a[i] - b[i] for i in ids]), seed))
 
 
 def _pairs_table(task: str, runs: list[dict]) -> str | None:
