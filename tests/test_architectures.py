@@ -288,3 +288,18 @@ def test_baseline_layout_of_an_unmapped_architecture(tokenizer):
                                    word_embed_proj_dim=32, vocab_size=50))
     with pytest.raises(UnsupportedArchitectureError, match="supported: gemma3, gpt2"):
         decoder_layers(opt)
+
+
+def test_a_torch_ao_int8_model_decodes_greedily_and_is_refused_by_agd(tokenizer, messages):
+    # quantize_dynamic packs every Linear (weight() becomes a method): decoding without attribution
+    # runs; AGD is refused with one line naming the LM head, which every engine reads.
+    import warnings
+
+    model = make_tiny("llama", len(tokenizer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert len(generate(quantized, tokenizer, messages, method="greedy", max_new_tokens=2).token_ids) == 2
+    for engine in ("forward", "reverse"):
+        with pytest.raises(QuantizedWeightsError, match=r"'lm_head' holds packed quantised weights \(a torch.ao"):
+            generate(quantized, tokenizer, messages, k=3, min_prob=0.0, max_new_tokens=2, engine=engine)

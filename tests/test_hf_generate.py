@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+import warnings
 
 import pytest
 import torch
@@ -159,3 +160,27 @@ def test_bad_input_is_one_clear_error(model, tokenizer, messages):
     right["attention_mask"][0, -1] = 0
     with pytest.raises(AgdError, match="left padding"):
         model.generate(**right, custom_generate=hf.agd_generate, max_new_tokens=2)
+
+
+def test_a_streamer_transformers_drops_is_warned_about(model, tokenizer, messages):
+    # transformers passes a callable custom_generate no streamer: say so instead of streaming nothing.
+    from transformers import TextStreamer
+
+    inputs = hf.prepare(tokenizer, messages)
+    with pytest.warns(UserWarning, match="does not stream"):
+        model.generate(**inputs, custom_generate=hf.agd_generate, max_new_tokens=2,
+                       streamer=TextStreamer(tokenizer), **AGD)
+    # Through agdecode.hf.generate the streamer arrives and there is nothing to warn about.
+    seen = []
+
+    class Collect:
+        def put(self, value):
+            seen.append(value.tolist())
+
+        def end(self):
+            seen.append("end")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.generate(model, **inputs, tokenizer=tokenizer, streamer=Collect(), max_new_tokens=2, **AGD)
+    assert seen[-1] == "end" and len(seen) == 4  # the prompt, two tokens, the end

@@ -82,3 +82,14 @@ def test_agd_model_type_checks_its_input(tiny_dir):
                        arguments=("A plain prompt", {"until": ["."], "max_gen_toks": 3}))
     with pytest.raises(AgdError, match="--apply_chat_template"):
         lm.generate_until([request])
+
+
+def test_agd_model_type_takes_the_builtin_model_name(monkeypatch):
+    # "smollm2" names the built-in model in lm-eval too: its local folder, never a Hub lookup.
+    from agdecode.lm_eval import AGDLM
+    from agdecode.models import builtin_model_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = AGDLM(pretrained="smollm2", device="cpu", dtype="float32")
+    assert lm.model.config._name_or_path == str(builtin_model_folder())
+    assert lm.model.config.model_type == "llama"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import agdecode
-from agdecode.errors import AgdError
+from agdecode.errors import AgdError, QuantizedWeightsError
 from agdecode.models import ModelLoadError, ModelNotFoundError, UnsafeModelError, load_model
 from conftest import make_tiny
 
@@ -186,7 +186,27 @@ def _corrupt_weights(d):
     (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
 
 
+def _shard_index(shard: str, rename_to: str | None = None):
+    def edit(d):
+        if rename_to:
+            (d / "model.safetensors").rename(d / rename_to)
+        else:
+            (d / "model.safetensors").unlink()
+            (d / "pytorch_model-00001-of-00001.bin").write_bytes(b"\x80\x04not really a pickle")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    return edit
+
+
 FOLDER_CASES = {
+    "shard index names a pickle": (_shard_index("pytorch_model-00001-of-00001.bin"), UnsafeModelError,
+                                   r"names the shard 'pytorch_model-00001-of-00001.bin'; only safetensors"),
+    "shard index leaves the folder": (_shard_index("../other/model.safetensors", "x.safetensors"),
+                                      UnsafeModelError, "only safetensors files in the model folder"),
+    "shard index names a missing shard": (_shard_index("model-00001-of-00002.safetensors", "x.safetensors"),
+                                          ModelLoadError, "which is not in"),
+    "bitsandbytes config": (lambda d: _edit_json(d / "config.json", quantization_config={
+                                "quant_method": "bitsandbytes", "load_in_4bit": True}),
+                            QuantizedWeightsError, r"declares quantised weights \(bitsandbytes\)"),
     "config not JSON": (lambda d: (d / "config.json").write_text("{model_type: llama"),
                         ModelLoadError, r"config.json is not a readable JSON file \(JSONDecodeError"),
     "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"),
@@ -211,6 +231,20 @@ FOLDER_CASES = {
     "no tokenizer": (_no_tokenizer, ModelLoadError, "has no tokenizer"),
     "no config.json": (lambda d: (d / "config.json").unlink(), ModelLoadError, "folder without config.json"),
 }
+
+
+def test_sharded_safetensors_folder_loads(folder, tmp_path):
+    from safetensors import safe_open
+
+    d = _copy(folder, tmp_path / "sharded")
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    with safe_open(d / "model-00001-of-00001.safetensors", "pt") as f:
+        names = list(f.keys())
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    model, _ = load_model(d, dtype="float32")
+    reference, _ = load_model(folder, dtype="float32")
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
 
 
 EVIL = "raise SystemExit('the model folder code ran')\n"

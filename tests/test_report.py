@@ -106,6 +106,18 @@ def test_old_traces_json_keys_and_nan_render():
     json.loads(DATA_BLOCK.search(result.to_html()).group(1))  # strict JSON: no NaN
 
 
+def test_the_page_learns_from_the_method_registry_whether_a_run_was_guided():
+    # The page shows a ROI and a gate for guided methods only; it asks the registry, not the name.
+    assert report_data(nasty_result())["results"][0]["guided"] is True
+    assert report_data(nasty_result("greedy"))["results"][0]["guided"] is False
+    foreign = nasty_result()  # a method this installation does not have: guided where it scored candidates
+    foreign.config["method"] = "someone-elses"
+    assert report_data(foreign)["results"][0]["guided"] is True
+    foreign = nasty_result("greedy")
+    foreign.config["method"] = "someone-elses"
+    assert report_data(foreign)["results"][0]["guided"] is False
+
+
 def test_agd_report_command(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({m: nasty_result(m).to_dict() for m in ("greedy", "agd")}, ensure_ascii=False))

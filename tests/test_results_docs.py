@@ -35,6 +35,19 @@ def test_committed_records_are_complete_archives():
         assert len(run["records"]) + run["errors"] > 0 and set(run["timings"]) >= {r["id"] for r in run["records"]}
 
 
+def test_every_committed_run_json_states_the_items_its_records_hold():
+    # run.json is rewritten on resume; runs resumed before that carry the correction and the old file.
+    import json
+
+    folders = {p.parent for p in ROOT.glob("docs/**/records.jsonl.gz")}
+    assert len(folders) > 30
+    for folder in folders:
+        info = json.loads((folder / "run.json").read_text())["info"]
+        with gzip.open(folder / "records.jsonl.gz", "rt") as f:
+            n = sum(1 for line in f if line.strip())
+        assert info["data"]["n_items"] >= n and info["spec"]["limit"] in (None, info["data"]["n_items"]), folder
+
+
 def test_holm_matches_the_step_down_definition():
     assert holm([]) == []
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])

@@ -222,6 +222,9 @@ def _packed(mod: nn.Module) -> str | None:
     w = getattr(mod, "weight", None)
     if type(mod).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum"):
         return f"a {type(mod).__module__.split('.')[0]} {type(mod).__name__}"
+    # torch.ao's quantised layers (quantize_dynamic) keep packed params and expose weight() as a method.
+    if type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")) or callable(w):
+        return f"a torch.ao {type(mod).__name__}"
     if hasattr(mod, "quant_state") or hasattr(w, "quant_state"):
         return f"a {type(mod).__name__} with a quant_state"
     if isinstance(w, torch.Tensor) and not torch.is_floating_point(w):

@@ -451,7 +451,10 @@ def _check_length(model: nn.Module, n_prompt: int, max_new_tokens: int, which: s
 def _vocab_size(model: nn.Module) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    return weight.shape[0] if weight is not None else getattr(model.config, "vocab_size", None)
+    # A torch.ao quantised Linear has weight() as a method and out_features as its row count.
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    return getattr(head, "out_features", None) or getattr(model.config, "vocab_size", None)
 
 
 def make_config(config: AGDConfig | None = None, **settings) -> AGDConfig:

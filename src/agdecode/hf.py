@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -155,6 +156,11 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
     if gen.return_dict_in_generate and (gen.output_attentions or gen.output_hidden_states):
         raise AgdError("AGD does not return attentions or hidden states: drop output_attentions/output_hidden_states")
     batch, width = input_ids.shape
+    if streamer is None and _dropped_streamer():
+        warnings.warn("model.generate(custom_generate=agd_generate, streamer=...) does not stream: transformers "
+                      "passes a callable custom_generate no streamer (the streamer gets the prompt only); use "
+                      "agdecode.hf.generate(model, ..., streamer=...) or functools.partial(agd_generate, "
+                      "streamer=...)", stacklevel=3)
     if streamer is not None and batch > 1:
         raise AgdError("streamer= streams one sequence; pass a batch of 1")
     mask = _take_model_kwargs(model_kwargs, input_ids)
@@ -189,6 +195,19 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
 
 
 # --- pieces --------------------------------------------------------------------------------------
+
+def _dropped_streamer() -> bool:
+    """Whether transformers' ``generate``, which called :func:`agd_generate`, was given a streamer.
+
+    transformers (5.x) hands a callable custom_generate only the keywords its signature adds to
+    ``_sample``'s, so ``streamer=`` never arrives; the caller's frame still holds it. Looked at only
+    to warn: where the frame is not transformers' ``generate`` the answer is False.
+    """
+    frame = sys._getframe(2)  # 0: here, 1: agd_generate, 2: its caller (a partial adds no frame)
+    if frame.f_code.co_name != "generate" or frame.f_globals.get("__name__") != "transformers.generation.utils":
+        return False
+    return frame.f_locals.get("streamer") is not None
+
 
 def _conversations(conversations) -> list:
     if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AgdError, ModelLoadError, ModelNotFoundError, UnsafeModelError
+from .errors import AgdError, ModelLoadError, ModelNotFoundError, QuantizedWeightsError, UnsafeModelError
 
-__all__ = ["load_model", "resolve_dtype", "native_bf16", "dtype_name", "forward_cached", "input_device", "cache_dir",
+__all__ = ["load_model", "builtin_model_folder", "resolve_dtype", "native_bf16", "dtype_name", "forward_cached", "input_device", "cache_dir",
            "ModelNotFoundError", "ModelLoadError", "UnsafeModelError", "DEFAULT_MODEL", "DTYPE_CHOICES", "DTYPE_HELP"]
 
 DEFAULT_MODEL = "smollm2"
@@ -252,6 +252,15 @@ def _check_folder(path: Path) -> None:
                 f"{', '.join(map(str, cfg['auto_map']))}), which agdecode never runs; use a model whose "
                 "architecture and tokenizer transformers implements itself.")
     _check_model_type(config.get("model_type"), str(path / "config.json"))
+    quant = config.get("quantization_config")
+    if quant:
+        # Loading would need the quantiser's library (bitsandbytes, GPTQ...) and would give packed
+        # layers the rules cannot read: say so before loading rather than fail inside transformers.
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+        raise QuantizedWeightsError(
+            f"{path / 'config.json'} declares quantised weights ({method}); attribution cannot read packed "
+            "weights: use the model's unquantised (bf16/fp16/fp32 safetensors) release, or a .gguf file, "
+            "which is dequantised when loaded.")
     names = {p.name for p in path.iterdir()}
     if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
         pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
@@ -261,9 +270,25 @@ def _check_folder(path: Path) -> None:
                 "unpickling can run code; convert them to safetensors (e.g. save_pretrained on a trusted "
                 "machine) or load a safetensors copy.")
         raise ModelLoadError(f"{path} has no model weights (no *.safetensors file)")
+    if "model.safetensors.index.json" in names:
+        _check_shard_index(path / "model.safetensors.index.json")
     if not names & set(_TOKENIZER_FILES):
         raise ModelLoadError(f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
                              "save the tokenizer into the folder with tokenizer.save_pretrained(folder)")
+
+
+def _check_shard_index(index: Path) -> None:
+    """A sharded checkpoint's index may name only safetensors files inside its own folder: transformers
+    would open any other file it names (a pickled ``.bin`` with ``torch.load``, a path outside)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index} has no weight_map (an object of tensor name -> shard file)")
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        if not shard.endswith(".safetensors") or Path(shard).name != shard:
+            raise UnsafeModelError(f"{index} names the shard {shard[:100]!r}; only safetensors files in the "
+                                   "model folder are read (pickled weights can run code when loaded)")
+        if not (index.parent / shard).is_file():
+            raise ModelLoadError(f"{index} names the shard {shard!r}, which is not in {index.parent}")
 
 
 def _check_gguf(path: Path) -> None:
@@ -327,7 +352,8 @@ def _from_pretrained(loader, path, what: str, **kw):
         return loader.from_pretrained(path, trust_remote_code=False, **kw)
     except AgdError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, IndexError, EOFError, ImportError, struct.error, SafetensorError) as e:
+        # ImportError: the folder's config asks for a library not installed (a quantiser, a kernel).
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelLoadError(f"Could not load the {what} from {path}: {type(e).__name__}: {first}") from e
 
@@ -356,6 +382,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str, **extra
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     return model, tokenizer
+
+
+def builtin_model_folder() -> Path:
+    """The built-in SmolLM2-135M-Instruct as a Hugging Face model folder (made from its GGUF on first use),
+    for tools that take a folder rather than a model, such as lm-eval's ``pretrained=``.
+
+    Example:
+        >>> AutoModelForCausalLM.from_pretrained(builtin_model_folder())
+    """
+    return _cached_smollm2("sdpa")
 
 
 def _cached_smollm2(attn_implementation: str) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..adapters import check_plain_weights
 from ..errors import AgdError
 from .common import ATTRIBUTIONS, frozen, rules_for  # noqa: F401 (re-exported)
 from .forward import ForwardEngine
@@ -48,4 +49,8 @@ def make_engine(name: str, model: nn.Module, n_rois: int = 1, attribution: str =
         raise AgdError(f"engine must be one of {tuple(engines)}, got {name!r}")
     if attribution not in ATTRIBUTIONS:
         raise AgdError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+    # Every engine differentiates through the LM head (the forward ones read its weight): a packed
+    # head is refused here, before it is read. Other layers are checked where a rule reads them.
+    head = model.get_output_embeddings()
+    check_plain_weights(model, [(n, m) for n, m in model.named_modules() if m is head])
     return engines[name](model, n_rois, attribution, heads)

@@ -24,6 +24,7 @@ from lm_eval.models.huggingface import HFLM
 from .. import hf
 from ..decoding import make_config
 from ..errors import AgdError
+from ..models import DEFAULT_MODEL, builtin_model_folder
 from ..prompt import render_prompt
 from ..roi import resolve_region
 
@@ -35,6 +36,7 @@ class AGDLM(HFLM):
     """``HFLM`` generating with AGD; ``--model_args`` adds ``roi`` (default ``system``), ``k``,
     ``min_prob``, ``entropy_threshold`` (nats or ``auto``), ``attribution``, ``engine``.
 
+    ``pretrained`` is a model folder, a Hub id, or ``"smollm2"`` (the built-in SmolLM2-135M-Instruct).
     The model folder's own code is never run (``trust_remote_code`` stays False) and weights load
     from safetensors only (``use_safetensors=False`` in ``--model_args`` allows other formats).
 
@@ -54,6 +56,8 @@ class AGDLM(HFLM):
             settings["engine"] = engine
         make_config(roi=roi, **settings)  # bad settings fail before the model loads
         kwargs.setdefault("use_safetensors", True)
+        if pretrained == DEFAULT_MODEL:  # the built-in name, as everywhere else: its local folder, not the Hub
+            pretrained = str(builtin_model_folder())
         super().__init__(pretrained=pretrained, trust_remote_code=False, **kwargs)
         self.roi, self.agd_settings = roi, settings
         self._chats: dict[str, tuple[list[dict], bool]] = {}  # rendered prompt -> (messages, add_generation_prompt)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping, Union
 
 from ..errors import AgdError, TraceFileError
+from ..methods import get_method, method_names
 from ..trace import GenerationResult
 from .style import PALETTE, css_variables
 
@@ -153,12 +154,22 @@ def _clean(x):
     return str(x)
 
 
+def _guided(r: GenerationResult) -> bool:
+    """Whether ``r``'s method chooses tokens by attribution (the page then shows its ROI and gate)."""
+    method = r.config.get("method", "agd") if isinstance(r.config, dict) else "agd"
+    if isinstance(method, str) and method in method_names():
+        return get_method(method).guided
+    # A method not registered here (a trace from elsewhere): guided where its candidates were scored.
+    return any(c.scores is not None for s in r.steps for c in s.candidates)
+
+
 def _result_data(name: str, r: GenerationResult) -> dict:
     relevance = r.extra.get("relevance", {}) if isinstance(r.extra, dict) else {}
     return {
         "name": name,
         "model": r.model,
         "config": _clean(r.config),
+        "guided": _guided(r),
         "seconds": _num(r.seconds),
         "tokens": list(r.tokens),
         "prompt_tokens": list(r.prompt_tokens),
