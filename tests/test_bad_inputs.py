@@ -397,6 +397,8 @@ CLI = [
     ("heads-batch-size-negative", ["heads", "discover", "--batch-size", "-1", "--out", "{tmp}/h.json"],
      "expected a positive integer"),
     ("eval-threads-zero", ["eval", "rules", "--threads", "0"], "expected a positive integer"),
+    ("serve-prefix-cache-negative", ["serve", "--prefix-cache-mb", "-1"], "expected an integer >= 0"),
+    ("serve-prefix-cache-word", ["serve", "--prefix-cache-mb", "lots"], "expected an integer >= 0"),
     ("eval-batch-size-zero", ["eval", "rules", "--batch-size", "0"], "expected a positive integer"),
     ("eval-archive-to-a-file", ["eval", "archive", "{files}/runs/records_corrupt", "--to", "{files}/notes.txt"],
      "is a file, not a folder"),

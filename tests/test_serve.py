@@ -514,3 +514,28 @@ def test_bad_completion_requests(served, body, param, message):
     url, *_ = served
     got, payload = post(url, {"model": "tiny", "max_tokens": 2, **body}, path="/v1/completions")
     assert got == 400 and message in payload["error"]["message"] and payload["error"]["param"] == param, payload
+
+
+def test_requests_sharing_a_system_prompt_reuse_its_prefill_exactly(tokenizer):
+    # The AGD counterpart of automatic prefix caching: the second and third request reuse the first's
+    # system prompt (keys, values and tangents); their replies are those of an uncached generate().
+    from test_prefix_cache import QUESTIONS, SYSTEM
+
+    model = make_tiny("llama", len(tokenizer))
+    server = AgdServer(model, tokenizer, "tiny", {}, max_tokens=4)
+    convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+    with running(server) as url:
+        texts = [client(url).chat.completions.create(model="tiny", messages=c, max_tokens=4,
+                                                     extra_body={"agd": AGD}).choices[0].message.content
+                 for c in convs]
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+    ref = agdecode.generate(make_tiny("llama", len(tokenizer)), tokenizer, convs, max_new_tokens=4,
+                            prefix_cache=False, **AGD)
+    assert texts == [r.text for r in ref]
+    assert server.prefix_cache.stats()["hits"] == 2
+    assert "agd_prefix_cache_hits_total 2.0" in metrics and "agd_prefix_cache_tokens_total 512.0" in metrics
+    off = AgdServer(model, tokenizer, "tiny", {}, prefix_cache_bytes=0)
+    assert off.prefix_cache is None and off.scheduler.prefix_cache is None

@@ -12,13 +12,14 @@ from .architectures import get_spec
 from .errors import AgdError
 from .decoding import AGDConfig, NonFiniteLogitsError, compare, entropy, generate
 from .models import ModelNotFoundError, load_model
+from .prefix_cache import PrefixCache
 from .prompt import render_prompt
 from .roi import ROI, ROIError, resolve_roi
 from .trace import GenerationResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "AGDConfig", "AgdError", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "ROI", "ROIError",
+    "AGDConfig", "AgdError", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "PrefixCache", "ROI", "ROIError",
     "UnsupportedArchitectureError", "attnlrp", "compare", "entropy", "generate", "get_spec", "load_model",
     "render_prompt", "resolve_roi",
 ]

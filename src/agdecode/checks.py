@@ -12,7 +12,18 @@ from typing import Callable
 
 from .errors import AgdError
 
-__all__ = ["check_writable", "check_not_clobbering", "is_agd_json", "is_agd_html", "positive_int", "threshold", "port"]
+__all__ = ["check_writable", "check_not_clobbering", "is_agd_json", "is_agd_html", "positive_int", "nonnegative_int", "threshold", "port"]
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0, at most 2**40 (a size in MiB, where 0 means "off")."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 2**40:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
 
 
 def positive_int(text: str) -> int:

@@ -31,6 +31,7 @@ from .methods import get_method, method_names
 from .models import dtype_name, input_device
 from .policies import Choice, View
 from .prompt import Prompt, render_prompt
+from .prefix_cache import PrefixCache
 from .roi import ROI, Region, parse_rois, resolve_region
 from .sources import Row, Source
 from .trace import Candidate, GenerationResult, Step
@@ -222,8 +223,9 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: AGDConfig, source: Source | None = None,
-                 logits_processor=None, eos_ids: set[int] | None = None):
+                 logits_processor=None, eos_ids: set[int] | None = None, prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.prefix_cache = prefix_cache
         self.method = get_method(config.method)
         self.source = source
         self.shape: tuple[int, bool] | None = None  # (ROIs per row, head ROIs?) the source was made for
@@ -260,6 +262,8 @@ class Decoder:
             self.shape = shapes.pop()
         if self.source is None:
             source = self.method.source(self.config, self.model, *self.shape)
+            if self.prefix_cache is not None:
+                source.use_prefix_cache(self.prefix_cache)
             if self._open:
                 source.__enter__()  # may refuse the model (e.g. packed weights): then nothing is open
             self.source = source
@@ -506,6 +510,7 @@ def generate(
     stopping_criteria=None,
     batch_size: int | None = None,
     chat_template_kwargs: dict | None = None,
+    prefix_cache: PrefixCache | bool | None = None,
     **settings,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate replies with Attribution-Guided Decoding (or greedy, or a baseline), batched.
@@ -530,6 +535,9 @@ def generate(
     ``no_repeat_ngram_size``, ``bad_words_ids``; ``streamer`` is any Hugging Face streamer (one
     conversation only). Processors and criteria are called per sequence on its own tokens.
     ``chat_template_kwargs`` go to the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3).
+    ``prefix_cache``: conversations that start alike (one system prompt, earlier turns) have that
+    prefix's keys and values (and AGD's tangents) computed once (forward engine; exact, bit for bit):
+    by default within this call; pass a :class:`PrefixCache` to share it across calls, False for none.
 
     Example:
         >>> model, tok = agdecode.load_model("smollm2")
@@ -550,7 +558,13 @@ def generate(
     cfg = resolve_config(model, tokenizer, config, **settings)
     jobs = make_jobs(model, tokenizer, cfg, convs, docs, stopping_criteria, names=not single,
                      chat_template_kwargs=chat_template_kwargs)
-    decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor)
+    if prefix_cache is None or prefix_cache is True:
+        prefix_cache = PrefixCache() if len(convs) > 1 or prefix_cache else None
+    elif prefix_cache is False:
+        prefix_cache = None
+    elif not isinstance(prefix_cache, PrefixCache):
+        raise AgdError(f"prefix_cache must be a PrefixCache, True or False, got {type(prefix_cache).__name__}")
+    decoder = Decoder(model, tokenizer, cfg, logits_processor=logits_processor, prefix_cache=prefix_cache)
     return _results(decoder, jobs, batch_size or _default_batch_size(model), streamer, single)
 
 

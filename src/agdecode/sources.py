@@ -111,7 +111,9 @@ def _growing_cache_class() -> type:
                     and old.shape[:-2] == buf.shape[:-2] and n + t <= buf.shape[-2])
             if not fits:  # first append, full, or replaced from outside: a new buffer with room to spare
                 setattr(self, name, None)  # the old buffer goes now (``old`` keeps what is still needed)
-                cap = max(n + t + max(64, (n + t) // 4), self.reserve)
+                # The reserve when it holds them: a prefill then keeps one buffer of one shape however
+                # its prompt was split (a prefix reused from a PrefixCache computes bit for bit the same).
+                cap = self.reserve if n + t <= self.reserve else n + t + max(64, (n + t) // 4)
                 buf = new.new_empty(*new.shape[:-2], cap, new.shape[-1])   # (N, H, cap, d)
                 if n:
                     buf[..., :n, :] = old
@@ -176,16 +178,24 @@ class KVBatch:
         self.merge([part])
         return out
 
-    def run(self, embeds: torch.Tensor, mask: torch.Tensor):
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor, prefix: tuple[list, int] | None = None):
         """Run new rows ``(n, T, D)`` with mask ``(n, T)`` into a cache of their own; returns the last
-        output and the part (cache, mask) for :meth:`merge`, which adds it to the batch."""
+        output and the part (cache, mask) for :meth:`merge`, which adds it to the batch.
+
+        ``prefix`` ``(layers, P)``: the keys and values of the first ``P`` positions (a multiple of
+        ``prefill_chunk``, from a :class:`~agdecode.prefix_cache.PrefixCache`), which are then not computed."""
         mask = mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)        # left padding: each row counts from its first token
         # Room for the whole prompt and some generated tokens from the start.
         cache, out = _growing_cache_class()(reserve=embeds.shape[1] + 64), None
         chunk = self.prefill_chunk or embeds.shape[1]
+        first = 0
+        if prefix is not None:
+            layers, first = prefix
+            for i, (k, v) in enumerate(layers):
+                cache.update(k.to(self.device), v.to(self.device), i)
         # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
-        for start in range(0, embeds.shape[1], chunk):
+        for start in range(first, embeds.shape[1], chunk):
             end = start + chunk
             out, cache = self._forward(cache, embeds[:, start:end], mask[:, :end], positions[:, start:end])
         return out, (cache, mask)
@@ -267,6 +277,10 @@ class Source:
     def describe(self) -> dict | None:
         """The method's settings as resolved for this model (JSON-serialisable)."""
         return None
+
+    def use_prefix_cache(self, cache) -> None:
+        """Reuse prompt prefixes' KV from ``cache`` (a :class:`~agdecode.prefix_cache.PrefixCache`) in
+        later prefills, and keep theirs there. A source that cannot reuse them ignores it."""
 
 
 class CachedForward(Source):

@@ -32,7 +32,7 @@ incremental pass; generated tokens are outside the ROI and enter with zero tange
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -387,6 +387,7 @@ class ForwardEngine(Source):
         self.head_weights: torch.Tensor | None = None  # (B, R, L, H) of the live sequences
         self._running_heads: torch.Tensor | None = None
         self._kept: torch.Tensor | None = None         # what the LM head handed over in the last pass
+        self.prefix_cache = None                       # a PrefixCache, when prompts' prefixes are reused
         self._open = False
 
     def __enter__(self) -> "ForwardEngine":
@@ -431,10 +432,53 @@ class ForwardEngine(Source):
         with self._dual():
             return self._prefill(rows)
 
+    def use_prefix_cache(self, cache) -> None:
+        self.prefix_cache = cache
+
+    def _space(self) -> tuple:
+        """What a reused prefix must share besides its tokens and ROI weights (see agdecode.prefix_cache)."""
+        emb = self.model.get_input_embeddings().weight
+        return ("forward", self.width, self.attribution, self.heads, str(emb.dtype), id(self.model),
+                getattr(self.model.config, "_name_or_path", ""))
+
+    def _lookup(self, row: Row) -> tuple | None:
+        return self.prefix_cache.lookup(self._space(), row.input_ids, row.token_weights, row.head_weights,
+                                        self.kv.prefill_chunk)
+
+    def _groups(self, rows: Sequence[Row]) -> Iterator[tuple[slice, tuple | None]]:
+        """Prefill groups, each with the prefix it reuses (None: none). Consumed one by one by the prefill,
+        which keeps each group's prompts before the next is looked up: a batch of conversations with one
+        system prompt computes it once."""
+        groups = prefill_groups(self.device, len(rows))
+        if self.prefix_cache is None:
+            yield from ((g, None) for g in groups)
+        elif all(g.stop - g.start == 1 for g in groups):  # one prompt per pass (a CPU)
+            yield from ((g, self._lookup(rows[g.start])) for g in groups)
+        else:  # a GPU's one padded group: prompts with a cached prefix leave it and run alone
+            found, start = [self._lookup(r) for r in rows], 0
+            for i, hit in enumerate(found + [None]):  # runs of misses between hits keep one group each
+                if hit is not None or i == len(rows):
+                    yield from ((slice(start + g.start, start + g.stop), None)
+                                for g in prefill_groups(self.device, i - start))
+                    if i < len(rows):
+                        yield slice(i, i + 1), hit
+                    start = i + 1
+
+    def _store(self, rows: Sequence[Row], part) -> None:
+        """Keep each prompt's keys and values (its own columns of the left-padded group) in the prefix cache."""
+        cache, mask = part
+        w = self.width
+        for j, r in enumerate(rows):
+            pad = mask.shape[1] - len(r.input_ids)
+            rows_j = slice(j * w, (j + 1) * w)
+            layers = [(lay.keys[rows_j, :, pad:], lay.values[rows_j, :, pad:]) for lay in cache.layers]
+            self.prefix_cache.store(self._space(), r.input_ids, r.token_weights, r.head_weights, layers,
+                                    self.kv.prefill_chunk)
+
     def _prefill(self, rows: Sequence[Row]) -> torch.Tensor:
         joining = len(self.kv) > 0
         parts, logits, tangents, heads = [], [], [], []
-        for group in prefill_groups(self.device, len(rows)):
+        for group, prefix in self._groups(rows):
             ids, mask = left_pad([r.input_ids.to(self.device) for r in rows[group]])          # (n, T)
             weights, _ = left_pad([r.token_weights.float().to(self.device) for r in rows[group]])  # (n, R, T)
             x = self.model.get_input_embeddings()(ids)                                         # (n, T, D)
@@ -442,7 +486,9 @@ class ForwardEngine(Source):
             if self.heads:
                 heads.append(torch.stack([r.head_weights.to(self.device) for r in rows[group]]))  # (n, R, L, H)
                 self._running_heads = heads[-1]
-            out, part = self.kv.run(_join(x[:, None], seeds), mask.repeat_interleave(self.width, 0))
+            out, part = self.kv.run(_join(x[:, None], seeds), mask.repeat_interleave(self.width, 0), prefix)
+            if self.prefix_cache is not None:
+                self._store(rows[group], part)
             parts.append(part)
             logits.append(out.logits[:, -1])                                                   # (n, V)
             tangents.append(self._kept)

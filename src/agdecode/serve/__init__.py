@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..checks import port, positive_int, threshold
+from ..checks import nonnegative_int, port, positive_int, threshold
 from ..errors import MissingPackageError
 from ..models import DTYPE_HELP
 
@@ -50,7 +50,8 @@ def _settings(args) -> dict:
 def _server_options(args) -> dict:
     return dict(name=args.served_model_name or served_name(args.model), defaults=_settings(args),
                 max_batch=args.max_batch, max_tokens=args.max_tokens, api_key=args.api_key,
-                max_body_bytes=args.max_body_bytes, strict_roi=args.strict_roi)
+                max_body_bytes=args.max_body_bytes, strict_roi=args.strict_roi,
+                prefix_cache_bytes=args.prefix_cache_mb << 20)
 
 
 def cmd_serve(args) -> int:
@@ -108,6 +109,9 @@ def register_serve(sub) -> None:
     p.add_argument("--max-batch", type=positive_int, default=16, help="most sequences decoding at once (default 16)")
     p.add_argument("--max-tokens", type=positive_int, default=256,
                    help="completion length when a request sets no max_tokens (default 256)")
+    p.add_argument("--prefix-cache-mb", type=nonnegative_int, default=1024,
+                   help="MiB of prompt prefixes' keys and values (AGD's tangents included) kept for requests that "
+                        "start alike, e.g. a shared system prompt (default 1024; 0: off)")
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (debug logs every step's batch size)")

@@ -30,6 +30,7 @@ from ..errors import AgdError
 from ..methods import get_method
 from ..roi import parse_rois
 from ..models import dtype_name
+from ..prefix_cache import PrefixCache
 from ..trace import GenerationResult
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .scheduler import Request, Scheduler
@@ -59,7 +60,8 @@ class AgdServer:
     """What the app serves: one model, its default settings, the limits and the decoding thread.
 
     ``defaults`` are AGDConfig settings used when a request does not set them (checked here, so a
-    server that could not run its own defaults does not start).
+    server that could not run its own defaults does not start). ``prefix_cache_bytes`` bounds the
+    keys and values of prompt prefixes kept for reuse across requests (0: none).
 
     Example:
         >>> server = AgdServer(model, tok, "smollm2", {"method": "agd", "entropy_threshold": 1.734})
@@ -68,7 +70,7 @@ class AgdServer:
 
     def __init__(self, model, tokenizer, name: str, defaults: dict | None = None, max_batch: int = 16,
                  max_tokens: int = 256, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-                 strict_roi: bool = False, read_timeout: float = 30.0):
+                 strict_roi: bool = False, read_timeout: float = 30.0, prefix_cache_bytes: int = 1 << 30):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.defaults = dict(DEFAULT_SETTINGS if defaults is None else defaults)
         cfg = resolve_config(model, tokenizer, **self.defaults)  # AgdError for bad defaults
@@ -81,8 +83,11 @@ class AgdServer:
             raise AgdError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
         self.max_tokens, self.api_key, self.max_body_bytes = max_tokens, api_key, max_body_bytes
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.scheduler = Scheduler(model, tokenizer, max_batch)
-        self.metrics = ServerMetrics(self.scheduler.load)
+        if isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
+            raise AgdError(f"prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self.scheduler = Scheduler(model, tokenizer, max_batch, self.prefix_cache)
+        self.metrics = ServerMetrics(self.scheduler.load, self.prefix_cache)
         self.created = int(time.time())
 
     def settings(self, req: ChatRequest | CompletionRequest, notes: list[str] | None = None) -> dict:

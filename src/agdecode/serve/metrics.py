@@ -16,11 +16,16 @@ metric                                 type       what
 ``agd_request_seconds``                histogram  submit -> last token, by ``method``
 ``agd_batch_rows``                     gauge      sequences decoding now
 ``agd_queue_length``                   gauge      requests waiting for a row
+``agd_prefix_cache_hits_total``        counter    prefills that reused a cached prompt prefix
+``agd_prefix_cache_misses_total``      counter    prefills that found none
+``agd_prefix_cache_tokens_total``      counter    prompt tokens not computed thanks to it
+``agd_prefix_cache_bytes``             gauge      keys and values it holds
 =====================================  =========  ===============================================
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST"]
@@ -38,7 +43,7 @@ class ServerMetrics:
         True
     """
 
-    def __init__(self, load):
+    def __init__(self, load, prefix_cache=None):
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("agd_requests", "finished requests", ["method", "outcome"], registry=r)
         self.rejected = Counter("agd_rejected_requests", "requests refused before decoding", ["status"], registry=r)
@@ -53,6 +58,25 @@ class ServerMetrics:
         queue = Gauge("agd_queue_length", "requests waiting for a row", registry=r)
         rows.set_function(lambda: load()[0])  # read when scraped: never stale
         queue.set_function(lambda: load()[1])
+        if prefix_cache is not None:
+            r.register(_PrefixCacheCollector(prefix_cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's own counters, read when scraped (the cache counts; nothing is copied)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        st = self.cache.stats()
+        yield CounterMetricFamily("agd_prefix_cache_hits", "prefills that reused a cached prompt prefix",
+                                  value=st["hits"])
+        yield CounterMetricFamily("agd_prefix_cache_misses", "prefills that found no cached prefix",
+                                  value=st["misses"])
+        yield CounterMetricFamily("agd_prefix_cache_tokens", "prompt tokens not computed thanks to the prefix cache",
+                                  value=st["tokens_reused"])
+        yield GaugeMetricFamily("agd_prefix_cache_bytes", "keys and values held by the prefix cache", value=st["bytes"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..decoding import AGDConfig, Decoder, Job
+from ..prefix_cache import PrefixCache
 from ..trace import GenerationResult
 from ..errors import AgdError
 
@@ -72,6 +73,8 @@ class Scheduler:
     """The decoding thread. ``submit`` from anywhere; ``close`` drains what was submitted, then stops.
 
     ``max_batch`` caps the sequences decoding at once; more requests wait for a free row.
+    ``prefix_cache`` (a :class:`~agdecode.prefix_cache.PrefixCache`) lets requests that start alike
+    (a shared system prompt, a conversation's earlier turns) reuse each other's prefill.
 
     Example:
         >>> sched = Scheduler(model, tok, max_batch=16).start()
@@ -79,10 +82,11 @@ class Scheduler:
         >>> sched.close()
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 16):
+    def __init__(self, model, tokenizer, max_batch: int = 16, prefix_cache: PrefixCache | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise AgdError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.prefix_cache = prefix_cache  # shared by every decoder: prompts' prefixes computed once
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
         self._decoders: dict[str, Decoder] = {}  # configuration key -> its open decoder
@@ -204,7 +208,7 @@ class Scheduler:
         cfg = req.config
         stack = ExitStack()
         try:
-            decoder = stack.enter_context(Decoder(self.model, self.tokenizer, cfg))
+            decoder = stack.enter_context(Decoder(self.model, self.tokenizer, cfg, prefix_cache=self.prefix_cache))
             self._stacks[req.key] = stack
         except Exception as e:
             # This configuration cannot run: fail this request and every waiting one that has it.
