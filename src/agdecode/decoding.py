@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -235,6 +236,7 @@ class Decoder:
         self.decode = tokenizer.decode if tokenizer is not None else (lambda ids, **kw: "")
         self.jobs: list[Job] = []
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live jobs
+        self.pending: deque[tuple[list[Job], Iterator]] = deque()  # started prefills (start/advance), oldest first
         self._open = False
 
     def __enter__(self) -> "Decoder":
@@ -246,6 +248,7 @@ class Decoder:
     def __exit__(self, *exc) -> None:
         self._open = False
         self.jobs, self.logits = [], None
+        self.pending.clear()
         if self.source is not None:
             self.source.__exit__(*exc)
 
@@ -274,11 +277,45 @@ class Decoder:
         try:
             logits = self.source.prefill([j.row for j in jobs])
         except BaseException:
-            # A prefill that failed part-way may have appended some of its rows: keep exactly the
-            # live ones, so the batch stays as it was (a server retries the others one by one).
-            with contextlib.suppress(Exception):  # nothing was added (no cache yet): nothing to undo
-                self.source.keep(torch.arange(len(self.jobs)))
+            self._undo_prefill()
             raise
+        self._join(jobs, logits)
+
+    def start(self, jobs: Sequence[Job]) -> None:
+        """Begin prefilling ``jobs`` in pieces (:meth:`advance`); they join the batch when it is done.
+
+        A server's way to admit long prompts: between two pieces (a prefill chunk of the forward
+        engine; a whole prompt for other sources) the live jobs keep decoding, so a burst of long
+        prompts delays running requests by one piece per step, not by all their prefills."""
+        self._ensure_source(jobs)
+        self.pending.append((list(jobs), self.source.prefill_iter([j.row for j in jobs])))
+
+    def advance(self) -> list[Job]:
+        """Run the next piece of the oldest started prefill; return its jobs once they have joined
+        (else ``[]``). If the prefill fails, it is dropped and the error raised: those jobs never joined."""
+        if not self.pending:
+            return []
+        jobs, prefill = self.pending[0]
+        try:
+            next(prefill)
+            return []
+        except StopIteration as done:
+            logits = done.value
+        except BaseException:
+            self.pending.popleft()
+            self._undo_prefill()
+            raise
+        self.pending.popleft()
+        self._join(jobs, logits)
+        return jobs
+
+    def _undo_prefill(self) -> None:
+        # A prefill that failed part-way may have appended some of its rows: keep exactly the live
+        # ones, so the batch stays as it was (a server then answers or retries the others alone).
+        with contextlib.suppress(Exception):  # nothing was added (no cache yet): nothing to undo
+            self.source.keep(torch.arange(len(self.jobs)))
+
+    def _join(self, jobs: Sequence[Job], logits: torch.Tensor) -> None:
         self.logits = logits if self.logits is None or not self.jobs else torch.cat([self.logits, logits])
         self.jobs += list(jobs)
 

@@ -14,9 +14,10 @@ CAD 2 (the prompt with and without its ROI). Dropping a sequence removes its row
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Generator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,20 @@ from torch import nn
 
 from .models import forward_cached, input_device
 
-__all__ = ["Row", "Source", "KVBatch", "CachedForward", "left_pad", "prefill_groups"]
+__all__ = ["Row", "Source", "KVBatch", "CachedForward", "left_pad", "prefill_groups", "drain"]
+
+
+def drain(gen: Generator):
+    """Run a generator to its end; return its return value (a chunked prefill run in one go).
+
+    Example:
+        >>> logits = drain(source.prefill_iter(rows))      # = source.prefill(rows)
+    """
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -184,6 +198,13 @@ class KVBatch:
 
         ``prefix`` ``(layers, P)``: the keys and values of the first ``P`` positions (a multiple of
         ``prefill_chunk``, from a :class:`~agdecode.prefix_cache.PrefixCache`), which are then not computed."""
+        return drain(self.run_iter(embeds, mask, prefix))
+
+    def run_iter(self, embeds: torch.Tensor, mask: torch.Tensor, prefix: tuple[list, int] | None = None,
+                 context=contextlib.nullcontext) -> Generator[None, None, tuple]:
+        """:meth:`run`, one chunk at a time: pauses (yields) between chunks, returns what ``run`` returns.
+        Each chunk's forward runs inside ``context()`` (the engine's model patches, held only that long),
+        so the batch may decode steps in between (:meth:`Decoder.advance`)."""
         mask = mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)        # left padding: each row counts from its first token
         # Room for the whole prompt and some generated tokens from the start.
@@ -195,9 +216,13 @@ class KVBatch:
             for i, (k, v) in enumerate(layers):
                 cache.update(k.to(self.device), v.to(self.device), i)
         # Chunked prefill bounds the attention matrices (and their tangents) to chunk x T.
-        for start in range(first, embeds.shape[1], chunk):
+        starts = range(first, embeds.shape[1], chunk)
+        for start in starts:
+            if start > first:
+                yield  # between chunks, never after the last: its output is read before anything else runs
             end = start + chunk
-            out, cache = self._forward(cache, embeds[:, start:end], mask[:, :end], positions[:, start:end])
+            with context():
+                out, cache = self._forward(cache, embeds[:, start:end], mask[:, :end], positions[:, start:end])
         return out, (cache, mask)
 
     def step(self, embeds: torch.Tensor):
@@ -253,6 +278,13 @@ class Source:
     def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
         """Add sequences; return their next-token logits ``(n, V)``."""
         raise NotImplementedError
+
+    def prefill_iter(self, rows: Sequence[Row]) -> Generator[None, None, torch.Tensor]:
+        """:meth:`prefill` in pieces: a generator that pauses (yields) between pieces of work, during
+        which the live sequences may ``step`` and ``keep``; it returns the logits when the sequences
+        have joined. This default does the whole prefill in one piece."""
+        return self.prefill(rows)
+        yield  # noqa: unreachable; makes this a generator
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Append ``token_ids`` ``(B,)`` to the live sequences; return next-token logits ``(B, V)``."""

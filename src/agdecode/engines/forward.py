@@ -43,7 +43,7 @@ from ..architectures import get_spec, layout
 from ..architectures.spec import MLP, Norm
 from ..models import input_device
 from ..rules import GATE_SHARE, IDENTITY_EPS, KEY_SHARE, QUERY_SHARE, VALUE_SHARE
-from ..sources import KVBatch, Row, Source, left_pad, prefill_groups
+from ..sources import KVBatch, Row, Source, drain, left_pad, prefill_groups
 from ..errors import AgdError
 
 
@@ -429,8 +429,27 @@ class ForwardEngine(Source):
         return F.linear(self.tangents, self.head.weight.detach()) * self.logits_scale
 
     def prefill(self, rows: Sequence[Row]) -> torch.Tensor:
-        with self._dual():
-            return self._prefill(rows)
+        with self._dual():  # once around the whole prefill: its chunks run back to back
+            return drain(self._prefill(rows, self._seeding))
+
+    def prefill_iter(self, rows: Sequence[Row]) -> Iterator[None]:
+        """The prefill chunk by chunk (:meth:`Source.prefill_iter`): the model is patched around each
+        chunk only, so the live sequences can decode between two chunks of a long prompt."""
+        return self._prefill(rows, self._chunk)
+
+    @contextlib.contextmanager
+    def _seeding(self, heads: torch.Tensor | None):
+        # The head ROIs seeded in a prefill chunk are the joining sequences', not the live batch's.
+        live, self._running_heads = self._running_heads, heads
+        try:
+            yield
+        finally:
+            self._running_heads = live
+
+    @contextlib.contextmanager
+    def _chunk(self, heads: torch.Tensor | None):
+        with self._dual(), self._seeding(heads):
+            yield
 
     def use_prefix_cache(self, cache) -> None:
         self.prefix_cache = cache
@@ -475,25 +494,32 @@ class ForwardEngine(Source):
             self.prefix_cache.store(self._space(), r.input_ids, r.token_weights, r.head_weights, layers,
                                     self.kv.prefill_chunk)
 
-    def _prefill(self, rows: Sequence[Row]) -> torch.Tensor:
-        joining = len(self.kv) > 0
+    def _prefill(self, rows: Sequence[Row], chunk_context) -> Iterator[None]:
+        """The prefill as a generator (pausing between chunks and groups); returns the logits ``(n, V)``.
+        ``chunk_context(heads)`` is entered around each chunk's forward."""
         parts, logits, tangents, heads = [], [], [], []
-        for group, prefix in self._groups(rows):
+        for i, (group, prefix) in enumerate(self._groups(rows)):
+            if i:
+                yield
             ids, mask = left_pad([r.input_ids.to(self.device) for r in rows[group]])          # (n, T)
             weights, _ = left_pad([r.token_weights.float().to(self.device) for r in rows[group]])  # (n, R, T)
-            x = self.model.get_input_embeddings()(ids)                                         # (n, T, D)
+            with torch.no_grad():
+                x = self.model.get_input_embeddings()(ids)                                     # (n, T, D)
             seeds = x[:, None] * weights[..., None].to(x.dtype)                                 # (n, R, T, D)
+            group_heads = None
             if self.heads:
-                heads.append(torch.stack([r.head_weights.to(self.device) for r in rows[group]]))  # (n, R, L, H)
-                self._running_heads = heads[-1]
-            out, part = self.kv.run(_join(x[:, None], seeds), mask.repeat_interleave(self.width, 0), prefix)
+                group_heads = torch.stack([r.head_weights.to(self.device) for r in rows[group]])  # (n, R, L, H)
+                heads.append(group_heads)
+            out, part = yield from self.kv.run_iter(_join(x[:, None], seeds), mask.repeat_interleave(self.width, 0),
+                                                    prefix, lambda: chunk_context(group_heads))
+            tangents.append(self._kept)  # read at once: the run ended with this group's last chunk
+            logits.append(out.logits[:, -1])                                                   # (n, V)
             if self.prefix_cache is not None:
                 self._store(rows[group], part)
             parts.append(part)
-            logits.append(out.logits[:, -1])                                                   # (n, V)
-            tangents.append(self._kept)
+        # The sequences join now (the live batch may have changed while they were prefilled): after it.
+        joining = len(self.kv) > 0
         self.kv.merge(parts)
-        # Sequences joining a running batch come after it; the others keep their current tangents.
         self.tangents = torch.cat(([self.tangents] if joining else []) + tangents)
         if self.heads:
             self.head_weights = torch.cat(([self.head_weights] if joining else []) + heads)

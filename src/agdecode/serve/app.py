@@ -188,6 +188,8 @@ class AgdServer:
             outcome = "error" if error is not None else "cancelled" if result is None else "ok"
             m.requests.labels(method=method, outcome=outcome).inc()
             m.latency.labels(method=method).observe(time.perf_counter() - req.submitted)
+            if req.prefill_s:
+                m.prefill.labels(method=method).observe(req.prefill_s)
             if result is not None:
                 m.prompt_tokens.labels(method=method).inc(len(result.prompt_ids))
                 m.tokens.labels(method=method).inc(len(result.token_ids))

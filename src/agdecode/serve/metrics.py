@@ -14,6 +14,7 @@ metric                                 type       what
 ``agd_guided_steps_total``             counter    steps where attribution chose the token, by ``method``
 ``agd_time_to_first_token_seconds``    histogram  submit -> first token, by ``method``
 ``agd_request_seconds``                histogram  submit -> last token, by ``method``
+``agd_prefill_seconds``                histogram  compute time of a request's prefill (its pieces), by ``method``
 ``agd_batch_rows``                     gauge      sequences decoding now
 ``agd_queue_length``                   gauge      requests waiting for a row
 ``agd_prefix_cache_hits_total``        counter    prefills that reused a cached prompt prefix
@@ -54,6 +55,8 @@ class ServerMetrics:
                               buckets=_LATENCY, registry=r)
         self.latency = Histogram("agd_request_seconds", "submit to last token", ["method"], buckets=_LATENCY,
                                  registry=r)
+        self.prefill = Histogram("agd_prefill_seconds", "compute time of a request's prefill", ["method"],
+                                 buckets=_LATENCY, registry=r)
         rows = Gauge("agd_batch_rows", "sequences decoding now", registry=r)
         queue = Gauge("agd_queue_length", "requests waiting for a row", registry=r)
         rows.set_function(lambda: load()[0])  # read when scraped: never stale

@@ -1,9 +1,12 @@
 """Continuous batching for the server: one thread owns the model and runs every request's decoding.
 
 Requests arrive from any thread (the HTTP event loop) as :class:`Request` objects holding a checked
-:class:`~agdecode.decoding.Job`. At every step boundary the scheduler admits waiting requests into
-the running :class:`~agdecode.decoding.Decoder` (they join the batch while it decodes; nothing waits
-for a full batch), steps it once, and hands each finished job back through its callback.
+:class:`~agdecode.decoding.Job`. At every step boundary the scheduler starts the prefill of waiting
+requests, runs one piece of the oldest prefill in progress (a 128-token chunk of the forward engine,
+as vLLM's chunked prefill; a whole prompt for other sources), steps the running
+:class:`~agdecode.decoding.Decoder` once, and hands each finished job back through its callback. A
+request joins the batch when its prefill is done; nothing waits for a full batch, and a burst of
+long prompts delays the running requests by one piece per step.
 
 A decoder is one decoding configuration (method, ROI, k, ...). Requests with the same
 configuration share its batch; requests with other configurations get decoders of their own, and
@@ -64,6 +67,7 @@ class Request:
     key: str = ""
     notes: list[str] = field(default_factory=list)  # what the server decided for this request (agd.note)
     submitted: float = field(default_factory=time.perf_counter)
+    prefill_s: float = 0.0  # compute time of its prefill pieces so far
 
     def __post_init__(self):
         self.key = self.key or config_key(self.config, self.heads)
@@ -138,7 +142,9 @@ class Scheduler:
             except Exception as e:  # a bug in admission: fail what is live, never the server
                 log.exception("admission failed; failing %d request(s)", len(self._live))
                 self._fail_all(DecodingError(f"{type(e).__name__}: {e}"))
-            for key, decoder in list(self._decoders.items()):  # one step each, in turn
+            for key, decoder in list(self._decoders.items()):  # one prefill piece and one step each, in turn
+                if decoder.pending:
+                    self._advance(decoder)
                 if not decoder.jobs:
                     continue
                 try:
@@ -146,7 +152,7 @@ class Scheduler:
                 except Exception as e:  # a broken batch fails its own requests, not other decoders'
                     log.exception("decoding failed; failing %d request(s)", len(decoder.jobs))
                     self._fail(key, decoder, DecodingError(f"{type(e).__name__}: {e}"))
-            for key in [k for k, d in self._decoders.items() if not d.jobs]:
+            for key in [k for k, d in self._decoders.items() if not d.jobs and not d.pending]:
                 self._close_decoder(key)
         for key in list(self._decoders):
             self._close_decoder(key)
@@ -162,47 +168,45 @@ class Scheduler:
             pass
 
     def _rows(self) -> int:
+        """Rows decoding or being prefilled (each holds cache memory), over all decoders."""
         # list(): /metrics reads this from the event loop while the scheduler thread adds decoders.
-        return sum(len(d.jobs) for d in list(self._decoders.values()))
+        return sum(len(d.jobs) + sum(len(jobs) for jobs, _ in list(d.pending)) for d in list(self._decoders.values()))
 
     def _admit(self) -> None:
-        """Move waiting requests, first come first served, into their configuration's batch while
-        fewer than ``max_batch`` rows decode."""
-        joining: dict[str, list[Request]] = {}
-        while self._waiting and self._rows() + sum(map(len, joining.values())) < self.max_batch:
+        """Start the prefill of waiting requests, first come first served, while fewer than
+        ``max_batch`` rows decode or prefill. Each request is prefilled on its own and in pieces,
+        between steps (:meth:`_advance`): a failing prompt fails alone, a long one never stalls the batch."""
+        while self._waiting and self._rows() < self.max_batch:
             req = self._waiting.popleft()
             if req.job.cancelled:
                 self._finish_cancelled(req)
                 continue
             if req.key not in self._decoders and not self._open_decoder(req):
                 continue
-            joining.setdefault(req.key, []).append(req)
-        for key, reqs in joining.items():
-            decoder = self._decoders[key]
-            try:
-                decoder.add([r.job for r in reqs])
-            except Exception as e:
-                # One bad request must not fail its neighbours: a batch that cannot be prefilled
-                # is retried request by request, and only those that fail again are answered with
-                # their error (Decoder.add leaves the batch as it was when a prefill fails).
-                log.warning("prefill failed for %s: %s", ", ".join(r.id for r in reqs), e)
-                ok = []
-                for req in reqs:
-                    try:
-                        decoder.add([req.job]) if len(reqs) > 1 else _raise(e)
-                    except Exception as e1:
-                        log.warning("request %s failed in prefill: %s", req.id, e1)
-                        req.done(None, e1)
-                    else:
-                        ok.append(req)
-                reqs = ok
-            for req in reqs:
-                self._live[id(req.job)] = req
-            rows = self._rows()
-            self.max_rows_seen = max(self.max_rows_seen, rows)
-            for req in reqs:
-                log.info("request %s joined the batch (%d rows; waited %.3f s)", req.id, rows,
-                         time.perf_counter() - req.submitted)
+            self._decoders[req.key].start([req.job])
+            self._live[id(req.job)] = req
+            self.max_rows_seen = max(self.max_rows_seen, self._rows())
+
+    def _advance(self, decoder: Decoder) -> None:
+        """One piece of the decoder's oldest started prefill; its request joins the batch when done."""
+        jobs = decoder.pending[0][0]
+        t0 = time.perf_counter()
+        try:
+            joined = decoder.advance()
+        except Exception as e:  # this prompt cannot be prefilled: its request fails, nobody else's
+            for job in jobs:
+                req = self._live.pop(id(job))
+                log.warning("request %s failed in prefill: %s", req.id, e)
+                req.done(None, e)
+            return
+        finally:
+            for job in jobs:
+                if id(job) in self._live:
+                    self._live[id(job)].prefill_s += time.perf_counter() - t0
+        for job in joined:
+            req = self._live[id(job)]
+            log.info("request %s joined the batch (%d rows; waited %.3f s)", req.id, len(decoder.jobs),
+                     time.perf_counter() - req.submitted)
 
     def _open_decoder(self, req: Request) -> bool:
         cfg = req.config
@@ -255,6 +259,7 @@ class Scheduler:
         the decoder is emptied (it closes when the loop sees it empty)."""
         try:
             decoder.remove(list(decoder.jobs))
+            decoder.pending.clear()  # prefills not finished: their requests are answered below
         except Exception:
             log.exception("could not free the rows of a failed batch")
         for jid, req in [(j, r) for j, r in self._live.items() if r.key == key]:
@@ -271,10 +276,8 @@ class Scheduler:
     def _fail_all(self, error: BaseException) -> None:
         for decoder in self._decoders.values():
             decoder.remove(list(decoder.jobs))
+            decoder.pending.clear()
         live, self._live = list(self._live.values()), {}
         for req in live:
             req.done(None, error)
 
-
-def _raise(e: BaseException):
-    raise e
