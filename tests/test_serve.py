@@ -539,3 +539,56 @@ def test_requests_sharing_a_system_prompt_reuse_its_prefill_exactly(tokenizer):
     assert "agd_prefix_cache_hits_total 2.0" in metrics and "agd_prefix_cache_tokens_total 512.0" in metrics
     off = AgdServer(model, tokenizer, "tiny", {}, prefix_cache_bytes=0)
     assert off.prefix_cache is None and off.scheduler.prefix_cache is None
+
+
+def test_sixty_four_clients_with_mixed_methods_and_hostile_requests(served, tokenizer):
+    # The load target on the tiny model: 64 real openai clients at once, greedy, AGD, AGD_e and
+    # CAD of several lengths, streamed or not, with hostile requests among them: every valid one equals
+    # agdecode.generate, every hostile one gets its 4xx, and /health answers within a second throughout.
+    url, ref, _, server = served
+    methods = {"greedy": {"method": "greedy"}, "agd": AGD, "agd_e": {**AGD, "entropy_threshold": 1.734},
+               "cad": {"method": "cad"}}
+    convs = [[{"role": "system", "content": f"Answer in {lang}."}, {"role": "user", "content": q}]
+             for lang in ("French", "German") for q in ("Hi!", "Tell me about the sea.")]
+    plan = [(i, list(methods)[i % 4], convs[i % 4], (3, 6)[i % 2]) for i in range(64)]
+    refs = {(m, i % 4, n): agdecode.generate(ref, tokenizer, convs[i % 4], max_new_tokens=n, **methods[m]).text
+            for i, m, _, n in plan}
+    hostile = [b for b in BAD if b[0] in ("malformed JSON", "seed beyond 64 bits", "a head file after pairs",
+                                          "a 5000-digit max_tokens", "body too big", "prompt longer than the context",
+                                          "AGD with a temperature", "wrong API key")]
+    assert len(hostile) == 8
+    health, stop = [], threading.Event()
+
+    def poll_health() -> None:
+        host, port = url.removeprefix("http://").split(":")
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+            health.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+
+    def one(p) -> bool:
+        i, method, conv, n = p
+        if i % 8 == 7:  # a hostile request
+            what, body, headers, status, message, _ = hostile[(i // 8) % len(hostile)]
+            got, payload = post(url, body, headers)
+            return got == status and message in payload["error"]["message"]
+        kwargs = dict(model="tiny", messages=conv, max_tokens=n, extra_body={"agd": methods[method]})
+        if i % 3 == 0:
+            text, _ = stream_text(client(url).chat.completions.create(stream=True, **kwargs))
+        else:
+            text = client(url).chat.completions.create(**kwargs).choices[0].message.content
+        return text == refs[method, i % 4, n]
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            ok = list(pool.map(one, plan))
+    finally:
+        stop.set()
+        poller.join(30)
+    assert all(ok), [p[:2] for p, good in zip(plan, ok) if not good]
+    assert health and max(health) < 1.0, max(health)
