@@ -4,7 +4,10 @@ Starts the server in this process (uvicorn in a thread, the real HTTP path) and 
 requests with C client threads for each C; C = 1 is the same requests sent one at a time. The
 methods are interleaved (round 1: greedy, AGD_e at each C; round 2: the same; ...), so a noisy
 neighbour hits both alike; the table reports medians over rounds with their [min-max] spread, and
-AGD_e's throughput as a ratio of greedy's measured in the same round. One JSONL record per request
+AGD_e's throughput as a ratio of greedy's measured in the same round. With ``--methods`` including
+``transformers-serve``, transformers' own server (``transformers serve --continuous-batching``, a
+subprocess with the same thread count, on the same model folder and dtype, temperature 0) answers
+the same requests in the same rounds: the greedy anchor. One JSONL record per request
 is appended to OUT.jsonl (a rerun skips the (round, method, clients) cells already there); the
 table goes to OUT.md and OUT.json.
 
@@ -25,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-METHODS = {"agd_e": {"method": "agd", "entropy_threshold": 1.734}, "greedy": {"method": "greedy"}}
+METHODS = {"agd_e": {"method": "agd", "entropy_threshold": 1.734}, "greedy": {"method": "greedy"},
+           # `transformers serve` (continuous batching) on the same model folder and dtype: greedy's anchor.
+           "transformers-serve": None}
 SYSTEMS = ["Always answer in French.", "Answer in one sentence.", "You are a pirate; talk like one.",
            "Never use the letter e.", "Answer only with a list."]
 QUESTIONS = ["Tell me about cats.", "What is the capital of Japan?", "How do planes fly?", "Why is the sky blue?",
@@ -52,6 +57,38 @@ def serve_in_thread(server):
     while not uv.started:
         time.sleep(0.05)
     return uv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def start_transformers_serve(model: str, dtype: str, threads: int):
+    """``transformers serve`` on ``model``'s folder as a subprocess; (process, client, model id) once healthy."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from openai import OpenAI
+
+    from agdecode.models import DEFAULT_MODEL, builtin_model_folder
+
+    folder = str(builtin_model_folder()) if model == DEFAULT_MODEL else model
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    exe = Path(sys.executable).with_name("transformers")
+    proc = subprocess.Popen([str(exe), "serve", folder, "--port", str(port), "--device", "cpu", "--dtype", dtype,
+                             "--continuous-batching"], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise SystemExit("transformers serve did not start")
+    return proc, OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600), folder
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -137,6 +174,14 @@ def main() -> None:
     server = AgdServer(model, tok, name, {}, max_batch=args.max_batch, max_tokens=args.max_tokens)
     uv, thread, url = serve_in_thread(server)
     convs = requests(args.requests)
+    anchor = (start_transformers_serve(args.model, dtype_name(model.dtype), args.threads)
+              if "transformers-serve" in args.methods.split(",") else None)
+    # Warm-up, not timed: first calls pay one-off costs (transformers serve loads its model on the first).
+    warm = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    for m in (m for m in args.methods.split(",") if m != "transformers-serve"):
+        warm.chat.completions.create(model=name, messages=convs[0], max_tokens=2, extra_body={"agd": METHODS[m]})
+    if anchor is not None:
+        anchor[1].chat.completions.create(model=anchor[2], messages=convs[0], max_tokens=2, temperature=0)
     try:
         cells = [(rnd, clients, method) for rnd in range(args.rounds) for clients in map(int, args.clients.split(","))
                  for method in args.methods.split(",")]  # interleaved: every method in every round
@@ -147,14 +192,19 @@ def main() -> None:
 
             def one(i: int) -> dict:
                 start = time.perf_counter()
-                r = client.chat.completions.create(model=name, messages=convs[i], max_tokens=args.max_tokens,
-                                                   extra_body={"agd": METHODS[method]})
+                if method == "transformers-serve":
+                    r = anchor[1].chat.completions.create(model=anchor[2], messages=convs[i], temperature=0,
+                                                          max_tokens=args.max_tokens)
+                else:
+                    r = client.chat.completions.create(model=name, messages=convs[i], max_tokens=args.max_tokens,
+                                                       extra_body={"agd": METHODS[method]})
                 end = time.perf_counter()
                 return {"round": rnd, "method": method, "clients": clients, "request": i, "start": start, "end": end,
                         "latency_s": end - start, "prompt_tokens": r.usage.prompt_tokens,
                         "completion_tokens": r.usage.completion_tokens,
                         "finish_reason": r.choices[0].finish_reason,
-                        "guided_steps": r.model_extra["agd"]["guided_steps"], "text": r.choices[0].message.content}
+                        "guided_steps": (r.model_extra.get("agd") or {}).get("guided_steps", 0),
+                        "text": r.choices[0].message.content}
 
             with ThreadPoolExecutor(clients) as pool:
                 recs = list(pool.map(one, range(args.requests)))
@@ -167,26 +217,38 @@ def main() -> None:
     finally:
         uv.should_exit = True
         thread.join()
+        if anchor is not None:
+            anchor[0].terminate()
+            anchor[0].wait(60)
     rows = summarise(done)
     texts: dict = {}
     for r in done:
         texts.setdefault((r["method"], r["request"]), set()).add(r["text"])
     same = all(len(t) == 1 for t in texts.values())
+    # transformers serve and our greedy on the same requests: the same text? (None: not both run)
+    pairs = [(texts[("greedy", i)], texts[("transformers-serve", i)]) for (m, i) in texts if m == "greedy"
+             and ("transformers-serve", i) in texts]
+    anchor_same = all(a == b for a, b in pairs) if pairs else None
     setup = {"model": args.model, "device": args.device, "dtype": dtype_name(model.dtype),
              "threads": args.threads,
              "requests": args.requests, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
              "provenance": provenance()}
-    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows, "same_text_at_every_concurrency": same},
+    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows, "same_text_at_every_concurrency": same,
+                                                    "greedy_same_text_as_transformers_serve": anchor_same},
                                                    indent=1))
     out.with_suffix(".md").write_text(
         f"# agd serve throughput ({args.model}, {args.device})\n\n"
         f"{args.requests} requests x {args.max_tokens} max tokens; server max batch {args.max_batch}; "
         f"torch threads {args.threads}. Command:\n\n"
         f"    PYTHONPATH=src python scripts/bench_serve.py --model {args.model} --device {args.device} "
-        f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} --out {args.out}\n\n"
+        f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} "
+        f"--clients {args.clients} --methods {args.methods} --out {args.out}\n\n"
         f"{table(rows)}\n\nEvery request got {'the same' if same else 'NOT the same'} text at every number of "
-        f"clients. Raw per-request records: `{path.name}`.\n")
+        f"clients."
+        + ("" if anchor_same is None else f" agd serve's greedy gave {'the same' if anchor_same else 'NOT the same'} "
+           "text as transformers serve on every request.")
+        + f" Raw per-request records: `{path.name}`.\n")
     print(table(rows))
 
 
