@@ -204,6 +204,9 @@ class Job:
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     sampler: Sampler | None = None                     # method "sample": this job's seeded generator
+    # This job's own settings where they differ from its decoder's (a server's requests share a decoder
+    # across their token budgets, stop strings and seeds): what its result reports.
+    config: AGDConfig | None = None
 
 
 class Decoder:
@@ -445,7 +448,7 @@ class Decoder:
             prompt_tokens=[decode([t]) for t in ids],
             roi_positions={r.name: r.tokens.nonzero().flatten().tolist() for r in job.rois},
             steps=job.steps,
-            config=self.config.to_dict(),
+            config=(job.config or self.config).to_dict(),
             model=getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__,
             seconds=time.perf_counter() - job.started,
             extra={**({"relevance": job.relevance} if job.relevance else {}),

@@ -105,7 +105,8 @@ class Sample:
         for i in choice.undecided():
             job = v.jobs[i]
             if job.sampler is None:  # the generator lives with its job: a new job starts from the seed
-                job.sampler = Sampler(*self.settings)
+                own = job.config  # a job's own settings (a server's request) come before the decoder's
+                job.sampler = Sampler(*((own.temperature, own.top_p, own.seed) if own is not None else self.settings))
             sampler = job.sampler
             choice.chosen[i], choice.reasons[i] = sampler(v.logits[i]), "sample"
             choice.info[i] = sampler.info()

@@ -176,6 +176,9 @@ class AgdServer:
             cfg = replace(cfg, max_new_tokens=job.max_new_tokens)
         if req.ignore_eos:  # vLLM's ignore_eos: end-of-sequence does not stop before the token budget
             cfg = replace(cfg, min_new_tokens=job.max_new_tokens)
+        # Its own budget, stop strings and sampling settings (Sample seeds its generator from them),
+        # whichever decoder it shares: requests with other seeds share a batch.
+        job.config = cfg
         heads = any(r.heads is not None for r in job.rois)
         rid = f"{'chatcmpl' if isinstance(req, ChatRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         return Request(rid, job, cfg, done=_ignore, heads=heads, notes=notes), req.agd is not None and req.agd.trace

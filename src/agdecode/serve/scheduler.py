@@ -44,14 +44,16 @@ def config_key(cfg: AGDConfig, heads: bool) -> str:
     """What makes two requests able to share a decoder: every setting except the per-job ones.
 
     ``max_new_tokens`` and ``stop_strings`` live on each :class:`Job` (its budget and its stopping
-    criteria), so requests that differ only in those share a batch.
+    criteria), and so do a sampling request's ``temperature``, ``top_p`` and ``seed`` (its own
+    generator, ``Job.sampler``), so requests that differ only in those share a batch.
 
     Example:
         >>> config_key(AGDConfig(max_new_tokens=5), False) == config_key(AGDConfig(max_new_tokens=9), False)
         True
     """
     d = cfg.to_dict()
-    d.pop("max_new_tokens"), d.pop("stop_strings")
+    for per_job in ("max_new_tokens", "stop_strings", "temperature", "top_p", "seed"):
+        d.pop(per_job)
     return repr(sorted(d.items())) + f" heads={heads}"
 
 
