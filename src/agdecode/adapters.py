@@ -128,9 +128,10 @@ def _lrp_attention(base):
 
 def register_attention(name: str, fn: Callable, mask_base: str) -> str:
     """Register attention function ``fn`` under ``name`` (once), with the mask of ``mask_base``."""
+    # start-up: transformers' modeling_utils and masking_utils cost 1-2 s; paid when a model is patched, not on import
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # start-up, as above
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # start-up, as above
 
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, fn)
@@ -141,7 +142,7 @@ def register_attention(name: str, fn: Callable, mask_base: str) -> str:
 
 def base_attention(spec: Spec, base: str) -> Callable:
     """The architecture's own eager attention, or a registered implementation such as sdpa."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # start-up: ~1.8 s, not paid on import
 
     return spec.eager_attention() if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 

@@ -31,8 +31,17 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .models import DTYPE_HELP
+from .decoding import AGDConfig, Decoder, make_jobs, run
+from .errors import AgdError
+from .eval.datasets import load_items
+from .models import DTYPE_HELP, dtype_name, load_model, native_bf16, resolve_dtype
+from .prompt import render_prompt
+from .provenance import provenance
+from .roi import Region, resolve_region
+from .shapes import SHAPES, random_model
+from .sources import left_pad
 
 __all__ = ["MODES", "run_bench", "register_bench"]
 
@@ -62,9 +71,6 @@ def _peak_mib(device: str) -> float:
 
 def _load(args):
     """The model and its tokenizer (None for a random-init model)."""
-    from .models import load_model, resolve_dtype
-    from .shapes import random_model
-
     dtype = resolve_dtype(args.dtype, args.device)
     if args.random_init:
         return random_model(args.random_init, device=args.device, dtype=dtype), None
@@ -80,10 +86,6 @@ def _prompts(model, lengths: list[int], seed: int) -> list[torch.Tensor]:
 def _rules_prompts(tok, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` rules dev conversations, rendered, with their system message as the ROI: real
     prompts, on which AGD_e's entropy gate opens as it does in use (random ids rarely open it)."""
-    from .eval.datasets import load_items
-    from .prompt import render_prompt
-    from .roi import resolve_region
-
     items = load_items("rules", "rules").items
     out = []
     for it in (items * (n // len(items) + 1))[:n]:
@@ -95,10 +97,6 @@ def _rules_prompts(tok, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _decode(model, mode: str, prompts: list, n_tokens: int, device: str) -> int:
     """Generate ``n_tokens`` for every prompt at once with ``mode``; return the number of guided steps.
     A prompt is token ids ``(T,)`` (ROI: its first quarter) or ``(ids, roi weights)``."""
-    from .decoding import AGDConfig, Decoder, make_jobs, run
-    from .roi import Region
-    from .sources import left_pad
-
     prompts = [p if isinstance(p, tuple) else (p, (torch.arange(len(p)) < max(1, len(p) // 4)).float())
                for p in prompts]
     if mode == "greedy":  # transformers' own batched generate, left-padded
@@ -169,9 +167,6 @@ def _worker(args) -> dict:
 
 
 def _machine(args) -> dict:
-    from .models import dtype_name, native_bf16, resolve_dtype
-    from .provenance import provenance
-
     if args.threads:
         torch.set_num_threads(args.threads)  # before provenance(), which records the thread count
     return dict(provenance(), device=args.device, dtype=dtype_name(resolve_dtype(args.dtype, args.device)),
@@ -360,8 +355,6 @@ def _throughput_table(summary: dict, machine: dict, args) -> str:
 
 
 def _subprocess(args, extra: list[str]) -> dict | None:
-    from tqdm import tqdm
-
     cmd = [sys.executable, "-m", "agdecode.bench", "--worker", "--model", args.model, "--device", args.device,
            "--dtype", args.dtype, "--new-tokens", str(args.new_tokens), "--reverse-tokens", str(args.reverse_tokens),
            "--rounds", str(args.rounds), "--modes", *args.modes, "--batch-sizes", *map(str, args.batch_sizes),
@@ -378,11 +371,7 @@ def _subprocess(args, extra: list[str]) -> dict | None:
 
 def run_bench(args) -> dict:
     """Run the measurements in subprocesses; write JSON (every run) + markdown under ``args.out``."""
-    from tqdm import tqdm
-
     if args.prompts == "rules" and (args.random_init or not args.throughput):
-        from .errors import AgdError
-
         raise AgdError("--prompts rules needs --throughput and a real model (not --random-init): it renders "
                        "the rules conversations with the model's chat template")
     machine = _machine(args)
@@ -424,8 +413,6 @@ def run_bench(args) -> dict:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from .shapes import SHAPES
-
     p.add_argument("--model", default="smollm2", help="model to load (default: smollm2)")
     p.add_argument("--random-init", choices=list(SHAPES), help="use a randomly initialised model of this shape")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from torch import nn
+from tqdm import tqdm
 
 from .calibration import (CalibrationError, calibrated_threshold, calibration_path, load_calibration,  # noqa: F401
                           save_calibration, shipped_calibration_path)  # re-exported: agdecode.calibrate keeps them
@@ -27,6 +28,7 @@ from .decoding import PAPER_ENTROPY_THRESHOLD, generate
 from .identity import model_identity
 from .models import dtype_name, input_device
 from .errors import AgdError
+from .report.style import PALETTE, method_color, new_figure, rc_params, save_png
 
 __all__ = ["model_identity", "calibrate", "calibration_path", "shipped_calibration_path", "save_calibration",
            "load_calibration", "calibrated_threshold", "CalibrationError", "BIN_WIDTH", "DEFAULT_DATA"]
@@ -58,8 +60,6 @@ def calibrate(model: nn.Module, tokenizer, conversations: list[list[dict]], *, p
     chunks = [conversations[i:i + 4 * batch_size] for i in range(0, len(conversations), 4 * batch_size)]
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(conversations), desc="calibrating", unit="item")
     for chunk in chunks:
         for res in generate(model, tokenizer, chunk, method="greedy", max_new_tokens=max_new_tokens,
@@ -97,9 +97,7 @@ def plot_histogram(record: dict, path: str | Path, title: str | None = None) -> 
     Example:
         >>> plot_histogram(load_calibration(model), "docs/entropy-smollm2.png")
     """
-    import matplotlib
-
-    from .report.style import PALETTE, method_color, new_figure, rc_params, save_png
+    import matplotlib  # optional: pip install 'agdecode[plots]'
 
     hist = record["histogram"]
     counts = np.asarray(hist["counts"], dtype=float)

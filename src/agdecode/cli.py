@@ -4,13 +4,34 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 import traceback
 from pathlib import Path
 
+from rich.console import Console
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+from . import __version__, generate, load_model
+from .baselines.steering import fit_steering_vector
+from .bench import register_bench
 from .checks import check_not_clobbering, check_writable, is_agd_json, threshold
+from .decoding import AGDConfig, make_jobs, resolve_config
+from .discovery import register_heads
+from .engines import ENGINES
 from .errors import AgdError
-from .models import DTYPE_HELP
+from .eval.cli import register_calibrate, register_eval
+from .heads import parse_head_spec
+from .identity import model_identity
+from .methods import get_method, method_names
+from .models import DTYPE_HELP, dtype_name
+from .prompt import render_documents
+from .report.html import register_report
+from .report.terminal import print_comparison, print_result
+from .roi import parse_rois
+from .serve import register_serve
 
 __all__ = ["main"]
 
@@ -19,10 +40,6 @@ BUG_REPORT = ("agd: internal error: this is a bug in agdecode, not a problem wit
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
-    from .decoding import AGDConfig
-    from .engines import ENGINES
-    from .methods import method_names
-
     d = AGDConfig()
     p.add_argument("prompt", nargs="?", default=None, help="the user message")
     p.add_argument("--system", default=None,
@@ -119,8 +136,6 @@ def _read_documents(path: str) -> list:
         docs = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AgdError(f"--documents {path}: cannot read a JSON list of documents ({e})") from None
-    from .prompt import render_documents
-
     render_documents(docs, "")  # the same checks (and messages) as generate(documents=...)
     if not docs:
         raise AgdError(f"--documents {path}: the list of documents is empty.")
@@ -129,11 +144,6 @@ def _read_documents(path: str) -> list:
 
 def _check_generate_args(args) -> dict:
     """Everything that can be checked without the model, checked before it loads; returns the documents."""
-    from .decoding import AGDConfig
-    from .heads import parse_head_spec
-    from .methods import get_method
-    from .roi import parse_rois
-
     if args.input is not None:
         if args.prompt is not None or args.system or args.documents or args.compare:
             raise AgdError("--input takes the conversations (and their documents) from the file: drop the prompt, "
@@ -240,17 +250,12 @@ def read_conversations(path: str) -> list[dict]:
 
 def _generate_many(args, model, tok, settings: dict) -> int:
     """``agd generate --input``: all conversations checked first, then decoded in batches, results appended."""
-    from .decoding import make_jobs, resolve_config
-    from . import generate
-
     convs = read_conversations(args.input)
     cfg = resolve_config(model, tok, **settings)
     done = set() if args.output == "-" else _resume(Path(args.output), convs, cfg, model)
     todo = [c for c in convs if c["id"] not in done]
     make_jobs(model, tok, cfg, [c["messages"] for c in todo], [c["documents"] for c in todo])  # every input checked
     batch = args.batch_size or (32 if str(args.device).startswith("cuda") else 8)
-    from tqdm import tqdm
-
     out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
     if done and not quiet():
         print(f"{len(done)} of {len(convs)} conversations already in {args.output}", file=sys.stderr)
@@ -280,9 +285,6 @@ def _resume(out: Path, convs: list[dict], cfg, model) -> set[str]:
     conversations or with other settings, a line that is not a result of this input (other than a
     torn last line, which an interrupted run leaves and which is cut off).
     """
-    from .identity import model_identity
-    from .models import dtype_name
-
     sidecar = out.with_name(out.name + ".agd.json")
     made_from = {"input_sha256": hashlib.sha256(json.dumps(convs, sort_keys=True).encode()).hexdigest(),
                  "settings": json.loads(json.dumps(cfg.to_dict(), default=str)),
@@ -346,11 +348,6 @@ def _write_json(path: str, payload) -> None:
 
 
 def cmd_generate(args) -> int:
-    from rich.console import Console
-
-    from . import generate, load_model
-    from .report.terminal import print_comparison, print_result
-
     extra = _check_generate_args(args)
     if args.input is not None:
         read_conversations(args.input)  # a bad file is refused before the model loads
@@ -382,9 +379,6 @@ def register_generate(sub) -> None:
 
 
 def cmd_steer_fit(args) -> int:
-    from . import load_model
-    from .baselines.steering import fit_steering_vector
-
     prompts = list(args.prompt or [])
     if args.prompts:
         try:
@@ -415,8 +409,6 @@ def _is_steering_file(path: Path) -> bool:
     if path.suffix == ".json":
         return is_agd_json(path, "instruction") and is_agd_json(path, "layer")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             return "agdecode" in (f.metadata() or {})
     except Exception:  # not a safetensors file at all
@@ -441,42 +433,6 @@ def register_steer(sub) -> None:
     fit.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     fit.add_argument("--device", default="cpu", help="torch device (default cpu)")
     fit.set_defaults(func=cmd_steer_fit)
-
-
-def register_report(sub) -> None:
-    from .report.html import register_report as register
-
-    register(sub)
-
-
-def register_heads(sub) -> None:
-    from .discovery import register_heads as register
-
-    register(sub)
-
-
-def register_bench(sub) -> None:
-    from .bench import register_bench as register
-
-    register(sub)
-
-
-def register_eval(sub) -> None:
-    from .eval.cli import register_eval as register
-
-    register(sub)
-
-
-def register_calibrate(sub) -> None:
-    from .eval.cli import register_calibrate as register
-
-    register(sub)
-
-
-def register_serve(sub) -> None:
-    from .serve import register_serve as register
-
-    register(sub)
 
 
 COMMANDS = [register_generate, register_report, register_steer, register_heads, register_bench, register_eval, register_calibrate,
@@ -511,8 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     Example:
         $ agd generate "What is the capital of Japan?" --system "Always answer in French." --compare
     """
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="agd", description="Attribution-Guided Decoding for Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"agd (agdecode) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -523,10 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed usage and the error (status 2), or --help (status 0)
         return e.code if isinstance(e.code, int) else 2
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
     verbosity = getattr(args, "verbosity", 0)
     if verbosity > 0:  # -v: agdecode's own log (model loading, batches), transformers' warnings
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -22,6 +22,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import (NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor)
 
 from .baselines import describe_vector, validate_settings
 from .calibration import calibrated_threshold
@@ -163,10 +166,6 @@ def entropy(logits: torch.Tensor) -> float | torch.Tensor:
 
 def logits_processors(config: AGDConfig, extra=None):
     """transformers' processors for the config's shortcuts, then the caller's ``logits_processor``."""
-    from transformers import LogitsProcessorList
-    from transformers.generation.logits_process import (NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
-                                                        RepetitionPenaltyLogitsProcessor)
-
     procs = LogitsProcessorList()
     penalty = config.repetition_penalty
     if penalty is None:
@@ -709,6 +708,7 @@ def _documents_per_conversation(documents, n: int, single: bool) -> list:
 def _stopping(cfg: AGDConfig, tokenizer, stopping_criteria) -> list:
     criteria = list(stopping_criteria or [])
     if cfg.stop_strings:
+        # start-up: stopping_criteria imports the tokenizers library (~10 ms), not paid by `import agdecode`
         from transformers.generation.stopping_criteria import StopStringCriteria
 
         criteria.append(StopStringCriteria(tokenizer, list(cfg.stop_strings)))

@@ -35,8 +35,9 @@ from .errors import AgdError
 from .checks import check_writable, positive_int
 from .heads import KINDS
 from .identity import model_identity, model_key
-from .models import dtype_name
+from .models import DTYPE_HELP, dtype_name, load_model
 from .prompt import render_prompt
+from .report.style import new_figure
 
 __all__ = ["discovery_items", "discover_heads", "plot_heads"]
 
@@ -144,8 +145,6 @@ def discover_heads(model: nn.Module, tokenizer, n_items: int = 200, top: int = 1
 
 def plot_heads(result: dict, path: str | Path) -> Path:
     """Heatmap (layer x head) of D with the chosen heads marked; written as PNG."""
-    from .report.style import new_figure
-
     d = torch.tensor(result["scores"]["D"])
     lim = float(d.abs().max()) or 1.0
     fig = new_figure(figsize=(max(6.5, d.shape[1] * 0.5), max(4, d.shape[0] * 0.22)))
@@ -168,8 +167,6 @@ def plot_heads(result: dict, path: str | Path) -> Path:
 
 
 def cmd_discover(args) -> int:
-    from .models import load_model
-
     if args.n_items < 2:
         raise AgdError(f"--n-items must be at least 2 (one half for each stability check), got {args.n_items}")
     check_writable(args.out, "--out")
@@ -189,7 +186,6 @@ def cmd_discover(args) -> int:
 
 
 def register_heads(sub) -> None:
-    from .models import DTYPE_HELP
     p = sub.add_parser("heads", help="attention-head ROIs: discover parametric / in-context heads")
     hs = p.add_subparsers(dest="heads_command", required=True)
     d = hs.add_parser("discover", help="score every head (Atlas procedure) and write the top ones as JSON + PNG",

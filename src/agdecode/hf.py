@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import logits_process as lp
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .decoding import Decoder, Job, make_jobs, resolve_config, run
 from .errors import AgdError
@@ -107,9 +110,6 @@ def generate(model: nn.Module, *args, tokenizer=None, streamer=None, stop_string
         >>> out = agdecode.hf.generate(model, **inputs, roi="system", messages=messages, tokenizer=tok,
         ...                            max_new_tokens=40, stop_strings=["\\n\\n"])
     """
-    from transformers import GenerationMixin, StoppingCriteriaList
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
     kwargs.pop("custom_generate", None)
     kwargs.pop("trust_remote_code", None)
     config = kwargs.get("generation_config") or model.generation_config
@@ -325,8 +325,6 @@ def _processors(processors, gen) -> list:
 
 def _for_row(p, i: int, pad: int):
     """A copy of processor ``p`` for row ``i``, which is called on that row's tokens without its ``pad`` padding."""
-    from transformers.generation import logits_process as lp
-
     q = copy.copy(p)
     ignore = getattr(p, "prompt_ignore_length", None)  # recent transformers: each row's padding length
     if isinstance(p, lp.RepetitionPenaltyLogitsProcessor) and ignore is not None:
@@ -354,8 +352,6 @@ class _PerRow:
     scores when ``generate`` asked for them."""
 
     def __init__(self, processors: list, jobs: list[Job], pads: list[int], keep_scores: bool, keep_logits: bool):
-        from transformers import LogitsProcessorList
-
         self.kept = {"scores": {} if keep_scores else None, "logits": {} if keep_logits else None}
         for i, (job, pad) in enumerate(zip(jobs, pads)):
             job.processors = [functools.partial(self._row, i, LogitsProcessorList(_for_row(p, i, pad)

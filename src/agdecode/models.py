@@ -22,9 +22,14 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import AgdError, ModelLoadError, ModelNotFoundError, QuantizedWeightsError, UnsafeModelError
@@ -164,8 +169,6 @@ def resolve_dtype(dtype: torch.dtype | str = "auto", device: str | torch.device 
         name = dtype_name(chosen)
         if name not in _WARNED:
             _WARNED.add(name)
-            import warnings
-
             units = found if chosen == torch.bfloat16 else "CPU without AVX-512 FP16 or AMX-FP16 units"
             warnings.warn(f"dtype {name} on a {units} is emulated and slower than float32; "
                           "pass dtype='float32' (or 'auto') for speed", stacklevel=3)
@@ -219,12 +222,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_model_type(model_type, where: str) -> None:
+    # start-up: transformers' auto mappings cost ~0.3 s, paid when a model loads, not by `agd --help`
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # start-up, as above
 
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
-        import transformers
-
         raise ModelLoadError(f"{where}: unknown model_type {model_type!r} (not one transformers "
                              f"{transformers.__version__} knows; custom model code is never run)")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -233,8 +235,9 @@ def _check_model_type(model_type, where: str) -> None:
 
 def _check_folder(path: Path) -> None:
     """Refuse a folder that cannot load, or that would run its own code, before loading anything."""
+    # start-up: transformers' auto mappings cost ~0.3 s, paid when a model loads, not by `agd --help`
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name  # start-up, as above
 
     config = _read_json(path / "config.json")
     tok_config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
@@ -306,8 +309,6 @@ def _check_gguf(path: Path) -> None:
 
 
 def _is_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith(".gguf"):
         return False
     try:
@@ -318,14 +319,12 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _resolve_hub(repo_id: str) -> Path:
     """The snapshot folder of ``repo_id`` in the Hugging Face cache, downloading it if allowed and needed."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download  # looked up when called: tests stand in for the Hub (test_loading)
 
     offline = _hub_offline()
     try:
@@ -346,8 +345,6 @@ def _resolve_hub(repo_id: str) -> Path:
 def _from_pretrained(loader, path, what: str, **kw):
     # Files that passed the checks above can still be corrupt inside (a bad safetensors header, a
     # truncated GGUF: the readers report those as any of these).
-    from safetensors import SafetensorError
-
     try:
         return loader.from_pretrained(path, trust_remote_code=False, **kw)
     except AgdError:
@@ -359,7 +356,7 @@ def _from_pretrained(loader, path, what: str, **kw):
 
 
 def _load_folder(path: Path, dtype: torch.dtype, attn_implementation: str, **extra):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # start-up: ~0.3 s, not paid by `agd --help`
 
     _check_folder(path)
     tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", local_files_only=True)
@@ -369,7 +366,7 @@ def _load_folder(path: Path, dtype: torch.dtype, attn_implementation: str, **ext
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str, **extra):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # start-up: ~0.3 s, as above
 
     _check_gguf(path)
     kw = dict(gguf_file=path.name, local_files_only=True)

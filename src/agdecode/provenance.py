@@ -14,6 +14,11 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
+import transformers
+
+from . import __version__
+
 __all__ = ["git_state", "provenance"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout, when installed from one (pip install -e)
@@ -39,11 +44,6 @@ def git_state() -> dict:
 
 def provenance() -> dict:
     """The git state, the versions of the packages that decide the numbers, and the machine."""
-    import torch
-    import transformers
-
-    from . import __version__
-
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:

@@ -88,7 +88,7 @@ def prefill_groups(device: torch.device, n: int) -> list[slice]:
 def _growing_cache_class() -> type:
     """A ``DynamicCache`` whose layers append into spare room (``_GrowingLayer``); defined on first
     use, so importing this module does not import transformers' cache code."""
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer  # start-up: ~10 ms, see the docstring
 
     class _GrowingLayer(DynamicLayer):
         """A ``DynamicLayer`` that writes new keys and values into spare columns of a buffer.

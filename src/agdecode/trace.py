@@ -114,7 +114,7 @@ class GenerationResult:
         Example:
             >>> Path("report.html").write_text(result.to_html())
         """
-        from .report.html import render_html
+        from .report.html import render_html  # lazy: report.html imports this module (a two-module circle)
 
         return render_html(self, title=title)
 
@@ -124,6 +124,6 @@ class GenerationResult:
         Example:
             >>> result.show()
         """
-        from .report.html import show
+        from .report.html import show  # lazy: as in to_html
 
         return show(self, title=title)

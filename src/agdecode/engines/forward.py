@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..adapters import patched, register_attention
 from ..architectures import get_spec, layout
@@ -321,8 +322,6 @@ def dual_mode(model: nn.Module, attribution: str = "lrp", width: int = 2, keep_t
     if layout(model).final_softcap(model):
         raise AgdError("final logit soft-capping is not supported by the forward engine; "
                          "use engine='reverse'")
-    from transformers.pytorch_utils import Conv1D
-
     spec = get_spec(model)
     lrp = attribution == "lrp"
     name = register_attention(f"agd_dual_{attribution}_{width}", _attention_rule(lrp, width), "eager")

@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters import overridden
 from ..architectures import get_spec
 from ..models import input_device
-from ..sources import CachedForward, Row
+from ..sources import CachedForward, Row, left_pad
 from .common import frozen, rules_for
 
 
@@ -99,8 +99,6 @@ def attribute_batch(model: nn.Module, seqs: Sequence[torch.Tensor], targets: tor
     Example:
         >>> tok_rel, head_rel = attribute_batch(model, [ids1, ids2], torch.tensor([42, 7]), positive=True)
     """
-    from ..sources import left_pad
-
     device = input_device(model)
     ids, mask = left_pad([s.to(device) for s in seqs])
     with _with_gradients(model, attribution, heads=True) as acts:

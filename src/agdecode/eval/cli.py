@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
+
+from ..calibrate import calibrate, load_calibration, plot_histogram, save_calibration
 from ..checks import check_writable, positive_int
 from ..errors import AgdError
-from ..models import DTYPE_HELP
+from ..models import DTYPE_HELP, load_model
+from .data import ItemFileError, read_items
+from .datasets import BUILTIN, load_items, qa_messages
+from .methods import method_choices, parse_set
+from .report import archive_runs, build_report, markdown_tables, update_doc
+from .runner import EvalSpec, check_limit, prepare, run_eval
+from .sysbench import add_arguments
 
 __all__ = ["register_eval", "register_calibrate"]
 
@@ -16,8 +26,6 @@ DEFAULTS = {"rules": {"data": "rules", "max_new_tokens": 256}, "qa": {"data": "t
 
 
 def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
-    from .methods import method_choices
-
     d = DEFAULTS[task]
     p.add_argument("--data", default=d["data"],
                    help=f"a built-in set or a JSONL file (default {d['data']}; see `agd eval --help`)")
@@ -56,15 +64,10 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
 
 def _threads(n: int | None) -> None:
     if n:
-        import torch
-
         torch.set_num_threads(n)
 
 
 def cmd_run(args) -> int:
-    from .methods import parse_set
-    from .runner import EvalSpec, run_eval
-
     methods = [m.strip() for arg in (args.method or ["greedy,agd"]) for m in arg.split(",") if m.strip()]
     out = Path(args.out or f"runs/{args.task}-{Path(args.data).stem}")
     extra = parse_set(args.set)
@@ -73,8 +76,6 @@ def cmd_run(args) -> int:
                       on_error="skip" if args.skip_bad_lines else "fail", calibration=args.calibration,
                       batch_size=args.batch_size)
              for m in methods]
-    from .runner import prepare
-
     # Refuse an unavailable method, a bad file or an unwritable output before loading anything.
     auto = any(prepare(spec)[1].get("entropy_threshold") == "auto" for spec in specs)
     check_out_dir(out, "--out")
@@ -86,12 +87,8 @@ def cmd_run(args) -> int:
     _threads(args.threads)
     model = tok = None
     if ray is None:
-        from ..models import load_model
-
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         if auto:  # a missing calibration stops the command before the first method runs, not after it
-            from ..calibrate import load_calibration
-
             load_calibration(model, args.calibration)
     try:
         for spec in specs:
@@ -111,8 +108,6 @@ def cmd_run(args) -> int:
 
 def check_out_dir(path: Path, what: str) -> None:
     """An output directory must be a directory (or not exist yet) below a writable one."""
-    import os
-
     if path.exists() and not path.is_dir():
         raise AgdError(f"{what} {str(path)!r} exists and is not a directory.")
     existing = next(p for p in [path, *path.absolute().parents] if p.exists())
@@ -121,8 +116,6 @@ def check_out_dir(path: Path, what: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report, markdown_tables, update_doc
-
     if args.out:
         check_out_dir(Path(args.out), "--out")
 
@@ -149,16 +142,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_archive(args) -> int:
-    from .report import archive_runs
-
     for folder in archive_runs(args.run_dirs, args.to):
         print(folder)
     return 0
 
 
 def register_eval(sub) -> None:
-    from .datasets import BUILTIN
-
     sets = ", ".join(f"{k} ({v[0]})" for k, v in BUILTIN.items())
     p = sub.add_parser("eval", help="evaluate decoding methods: rule following, QA recall, reports",
                        description=f"Evaluation harness. Built-in sets: {sets}. Runs are append-only JSONL, "
@@ -190,20 +179,14 @@ def register_eval(sub) -> None:
 
 
 def _add_sysbench(sub) -> None:
-    from .sysbench import add_arguments
-
     add_arguments(sub.add_parser("sysbench", help="SysBench-format dialogues checked by an OpenAI-compatible judge "
                                                   "(CSR, ISR, SSR)"))
 
 
 def _conversations(spec: str) -> tuple[list[list[dict]], dict]:
-    from .datasets import BUILTIN, load_items, qa_messages
-
     if spec in BUILTIN:
         s = load_items(spec, BUILTIN[spec][0])
     else:
-        from .data import ItemFileError, read_items
-
         try:
             s = read_items(spec, "rules")
         except ItemFileError:
@@ -213,11 +196,6 @@ def _conversations(spec: str) -> tuple[list[list[dict]], dict]:
 
 
 def cmd_calibrate(args) -> int:
-    from ..calibrate import calibrate, plot_histogram, save_calibration
-    from ..models import load_model
-
-    from .runner import check_limit
-
     check_limit(args.limit)
     if not 0 <= args.percentile <= 100:
         raise AgdError(f"--percentile must be in [0, 100], got {args.percentile}")

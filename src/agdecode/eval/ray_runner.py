@@ -12,9 +12,14 @@ Example:
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from typing import Iterator
 
-from ..errors import AgdError
+import torch
+
+from ..errors import AgdError, MissingPackageError
+from ..models import dtype_name, load_model
+from .runner import EvalSpec, default_batch_size, evaluate_items, resolve_for_model
 
 __all__ = ["RayPool", "token_auth_enabled"]
 
@@ -29,7 +34,7 @@ _NO_AUTH = ("{what} would start a local Ray instance, which listens on all netwo
 
 def token_auth_enabled() -> bool:
     """Whether the running Ray instance requires its token (``RAY_AUTH_MODE=token``)."""
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled  # optional: agdecode[ray]
 
     return is_token_auth_enabled()
 
@@ -58,29 +63,18 @@ class _Worker:
     """Lives in a Ray actor: one model, many items."""
 
     def __init__(self, spec_dict: dict, device: str, threads: int | None):
-        import torch
-
-        from ..models import load_model
-        from .runner import EvalSpec
-
         if threads:
             torch.set_num_threads(threads)
         self.spec = EvalSpec(**spec_dict)
         self.model, self.tok = load_model(self.spec.model, dtype=self.spec.dtype, device=device)
 
     def resolve(self, gen: dict, calibration: str | None) -> tuple[dict, dict]:
-        from .runner import resolve_for_model
-
         return resolve_for_model(self.model, gen, calibration)
 
     def dtype(self) -> str:
-        from ..models import dtype_name
-
         return dtype_name(self.model.dtype)
 
     def evaluate(self, items: list[dict], gen: dict) -> list[dict]:
-        from .runner import default_batch_size, evaluate_items
-
         batch = self.spec.batch_size or default_batch_size(self.spec.device)
         recs = list(evaluate_items(self.model, self.tok, self.spec.task, items, gen, self.spec.seed, batch))
         for rec in recs:
@@ -99,13 +93,9 @@ class RayPool:
     def __init__(self, spec, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 2,
                  num_cpus: int | None = None):
         try:
-            import ray
+            import ray  # optional: pip install 'agdecode[ray]'
         except ImportError as e:
-            from .ifeval import MissingPackageError
-
             raise MissingPackageError("--ray needs the ray package: pip install ray") from e
-        from dataclasses import asdict
-
         self.ray = ray
         self._started = not ray.is_initialized()
         if self._started:
@@ -137,9 +127,7 @@ class RayPool:
 
     def records(self, items: list[dict], gen: dict) -> Iterator[dict]:
         """Records of ``items``, in the order their chunks finish (a chunk: one batch per actor call)."""
-        from ray.util import ActorPool
-
-        from .runner import default_batch_size
+        from ray.util import ActorPool  # optional: pip install 'agdecode[ray]'
 
         call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
         pool = ActorPool(self.actors)

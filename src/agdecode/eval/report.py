@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ReportError
+from ..report.style import method_color, new_figure, rc_params, save_png
 from .methods import BASELINE
 from .records import METRICS, QUALITY, RunFileError, item_values
 
@@ -219,9 +220,8 @@ def plot_group(task: str, title: str, rows: list[dict], path: str | Path) -> Pat
     Example:
         >>> plot_group("rules", "rules / rules", rows, "runs/report/rules-rules.png")
     """
-    import matplotlib
+    import matplotlib  # optional: pip install 'agdecode[plots]'
 
-    from ..report.style import method_color, new_figure, rc_params, save_png
     primary = PRIMARY[task]
     names = [r["method"] for r in rows]
     y = np.arange(len(rows))[::-1]

@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .. import decoding
+from tqdm import tqdm
+
+from .. import __version__, decoding
+from ..calibrate import calibrated_threshold, model_identity
 from ..errors import AgdError
-from .datasets import qa_messages
+from .datasets import load_items, qa_messages
 from ..methods import get_method
+from ..models import dtype_name, load_model
+from ..provenance import provenance
 from .methods import resolve_method
 from .records import RunStore, summarize
 from .scoring import quality, response_logprob, score_qa, score_rules
@@ -160,8 +165,6 @@ def _config_fields() -> set[str]:
 
 def resolve_for_model(model, gen_kwargs: dict, calibration: str | None = None) -> tuple[dict, dict]:
     """Model-dependent settings: the model's identity and ``entropy_threshold="auto"`` as a number."""
-    from ..calibrate import calibrated_threshold, model_identity
-
     kw = dict(gen_kwargs)
     if kw.get("entropy_threshold") == "auto":
         kw["entropy_threshold"] = calibrated_threshold(model, calibration)
@@ -175,8 +178,6 @@ def prepare(spec: EvalSpec):
     Example:
         >>> items_set, gen_kwargs = prepare(EvalSpec("qa", "nq", "greedy", limit=5))
     """
-    from .datasets import load_items
-
     check_limit(spec.limit)
     data = load_items(spec.data, spec.task, spec.on_error)
     if spec.limit is not None:
@@ -242,20 +243,14 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
     data, gen = prepare(spec)
     store = RunStore(Path(out_dir) / spec.method.replace("/", "_"))
     if ray is not None:
-        from .ray_runner import RayPool
+        from .ray_runner import RayPool  # lazy: ray_runner imports this module at its top (a two-module circle)
 
         pool = RayPool(spec, **ray)
         identity, gen = pool.resolve(gen)
     else:
         if model is None:
-            from ..models import load_model
-
             model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
         identity, gen = resolve_for_model(model, gen, spec.calibration)
-    from .. import __version__
-    from ..models import dtype_name
-    from ..provenance import provenance
-
     info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray, "provenance": provenance()}
     dtype = pool.dtype() if ray is not None else dtype_name(model.dtype)
@@ -265,8 +260,6 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
                                else _local_records(model, tokenizer, spec, todo, gen))
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(data.items), initial=len(data.items) - len(todo), unit="item",
                    desc=f"{spec.task}:{data.name}:{spec.method}", dynamic_ncols=True)
     complete = False

@@ -13,6 +13,7 @@ import unicodedata
 import torch
 
 from ..models import input_device
+from .ifeval import checker
 
 __all__ = ["score_rules", "normalize_answer", "recall", "recall_word", "score_qa", "repeat_rate",
            "response_logprob", "quality"]
@@ -21,8 +22,6 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def _check(instruction_id: str, kwargs: dict, prompt: str, response: str) -> bool:
-    from .ifeval import checker
-
     inst = checker().instructions_registry.INSTRUCTION_DICT[instruction_id](instruction_id)
     # Item files written from Hugging Face's IFEval carry every argument name, unset ones as None.
     inst.build_description(**{k: v for k, v in kwargs.items() if v is not None})

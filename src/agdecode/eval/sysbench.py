@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import string
 import time
@@ -53,8 +54,15 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from .. import __version__, decoding
 from ..errors import AgdError, JudgeError
-from ..models import DTYPE_HELP, dtype_name
+from ..models import DTYPE_HELP, dtype_name, load_model
+from .methods import method_choices, parse_set, resolve_method
+from .records import RunStore
+from .runner import resolve_for_model
 
 __all__ = ["Turn", "Dialogue", "read_sysbench", "JudgeConfig", "Judge", "JudgeError", "parse_verdicts",
            "sysbench_metrics", "decode", "SysBenchSpec", "run_sysbench", "add_arguments", "cmd_sysbench"]
@@ -254,10 +262,8 @@ class Judge:
     """
 
     def __init__(self, config: JudgeConfig):
-        import os
-
         try:
-            import openai
+            import openai  # optional: pip install 'agdecode[judge]'
         except ImportError as e:
             raise AgdError("The SysBench judge needs the openai package: pip install 'agdecode[judge]'") from e
         self.config = config
@@ -355,8 +361,6 @@ def sysbench_metrics(records: list[dict]) -> dict:
 def decode(model, tokenizer, conversations: list[list[dict]], gen_kwargs: dict) -> list:
     """Replies (``GenerationResult``) to several conversations, decoded as one batch: the one place
     this module decodes."""
-    from .. import decoding
-
     return decoding.generate(model, tokenizer, list(conversations), batch_size=len(conversations), **gen_kwargs)
 
 
@@ -404,10 +408,6 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
     Raises :class:`JudgeError` when the judge fails; the records written so far stay, and the same
     call resumes.
     """
-    from .methods import resolve_method
-    from .records import RunStore
-    from .runner import resolve_for_model
-
     dialogues, sha = read_sysbench(spec.data)
     if spec.limit is not None:
         if spec.limit < 1:
@@ -419,13 +419,9 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
     judge = Judge(spec.judge)
     judge.ping()
     if model is None:
-        from ..models import load_model
-
         model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     identity, gen = resolve_for_model(model, gen, spec.calibration)
     call = {k: v for k, v in gen.items() if k != "entropy_threshold_source"}
-    from .. import __version__
-
     settings = {"task": "sysbench", "data": {"name": Path(spec.data).name, "sha256": sha}, "method": spec.method,
                 "generate": call, "model": identity, "dtype": dtype_name(model.dtype),
                 "gt_history": spec.gt_history,
@@ -439,8 +435,6 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
     total = sum(len(d.turns) for d in dialogues)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         finished = sum(1 for r in done.values() if r.get("verdicts") is not None)
         bar = tqdm(total=total, initial=min(finished, total), unit="turn", desc=f"sysbench:{spec.method}",
                    dynamic_ncols=True)
@@ -503,8 +497,6 @@ def run_sysbench(spec: SysBenchSpec, out_dir: str | Path, model=None, tokenizer=
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``agd eval sysbench``."""
-    from .methods import method_choices
-
     p.add_argument("--data", required=True, help="SysBench-format JSON file (a list of dialogues; see "
                    "github.com/PKU-Baichuan-MLSystemLab/SysBench, datas/system_benchmark_eval_datas.json)")
     p.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL of the judge, e.g. http://127.0.0.1:8000/v1")
@@ -536,8 +528,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sysbench(args) -> int:
-    from .methods import parse_set
-
     methods = [m.strip() for arg in (args.method or ["greedy,agd"]) for m in arg.split(",") if m.strip()]
     judge = JudgeConfig(url=args.judge_url, model=args.judge_model, template=args.judge_template,
                         timeout=args.judge_timeout, retries=args.judge_retries, api_key_env=args.judge_api_key_env)
@@ -547,18 +537,12 @@ def cmd_sysbench(args) -> int:
                           roi=args.roi, extra=parse_set(args.set), calibration=args.calibration,
                           batch_size=args.batch_size) for m in methods]
     # Refuse a bad file, method or template before loading the model.
-    from .methods import resolve_method
-
     read_sysbench(args.data)
     judge.template_text()
     for s in specs:
         resolve_method(s.method, roi=s.roi or "system", extra=s.extra, max_new_tokens=s.max_new_tokens)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
-    from ..models import load_model
-
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     try:
         for spec in specs:

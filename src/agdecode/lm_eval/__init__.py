@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -122,6 +123,4 @@ class AGDLM(HFLM):
 
 def main() -> None:
     """lm-eval's command line (``sys.argv``) with the ``agd`` model type registered."""
-    from lm_eval.__main__ import cli_evaluate
-
     cli_evaluate()

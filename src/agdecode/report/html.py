@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Union
 
+from ..checks import check_not_clobbering, check_writable, is_agd_html
 from ..errors import AgdError, TraceFileError
 from ..methods import get_method, method_names
 from ..trace import GenerationResult
@@ -247,7 +248,7 @@ def write_html(results: Results, path: str | Path, title: str | None = None) -> 
 
 def _kernel():
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # optional: present only where IPython/Jupyter is installed
     except ImportError:
         return None
     ip = get_ipython()
@@ -265,7 +266,7 @@ def show(results: Results, title: str | None = None, height: int = 780) -> Path 
     """
     page = render_html(results, title)
     if _kernel() is not None:
-        from IPython.display import HTML, display
+        from IPython.display import HTML, display  # optional: only inside a Jupyter kernel
 
         display(HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" sandbox="allow-scripts" '
                      f'style="width:100%;height:{int(height)}px;border:1px solid {PALETTE["grid"]}"></iframe>'))
@@ -278,8 +279,6 @@ def show(results: Results, title: str | None = None, height: int = 780) -> Path 
 
 
 def cmd_report(args) -> int:
-    from ..checks import check_not_clobbering, check_writable, is_agd_html
-
     results = load_results(args.trace)
     target = args.output or Path(args.trace).with_suffix(".html")
     check_writable(target, "--output", create_parents=True)

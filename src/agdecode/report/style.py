@@ -79,7 +79,7 @@ def rc_params() -> dict[str, Any]:
         >>> with plt.rc_context(rc_params()):
         ...     fig, ax = plt.subplots()
     """
-    from cycler import cycler
+    from cycler import cycler  # optional: comes with matplotlib (pip install 'agdecode[plots]')
 
     return {
         "figure.figsize": (6.4, 3.6),
@@ -121,7 +121,7 @@ def apply_style() -> None:
         >>> apply_style()
         >>> plt.bar(["greedy", "AGD"], [0.41, 0.63], color=[method_color("greedy"), method_color("agd")])
     """
-    import matplotlib
+    import matplotlib  # optional: pip install 'agdecode[plots]'
 
     matplotlib.rcParams.update(rc_params())
 
@@ -132,7 +132,7 @@ def relevance_cmap():
     Example:
         >>> ax.imshow(rel, cmap=relevance_cmap(), vmin=-m, vmax=m)
     """
-    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.colors import LinearSegmentedColormap  # optional: pip install 'agdecode[plots]'
 
     return LinearSegmentedColormap.from_list(
         "agd_relevance", [PALETTE["negative"], PALETTE["background"], PALETTE["positive"]])
@@ -148,7 +148,7 @@ def save_png(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot: release it there too
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (plots extra); only for a figure pyplot made
 
         plt.close(fig)
     return path
@@ -161,6 +161,6 @@ def new_figure(**kwargs):
     Example:
         >>> fig = new_figure(figsize=(4, 3)); ax = fig.subplots(); save_png(fig, "plot.png")
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional: pip install 'agdecode[plots]'
 
     return Figure(**kwargs)

@@ -11,19 +11,23 @@ Example:
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
+import torch
+
 from ..checks import nonnegative_int, port, positive_int, threshold
 from ..errors import MissingPackageError
-from ..models import DTYPE_HELP
+from ..models import DTYPE_HELP, load_model
+from .ray_serve import run_ray
 
 __all__ = ["register_serve", "cmd_serve", "served_name", "create_app", "AgdServer"]
 
 
 def __getattr__(name):  # fastapi and pydantic are imported only by those who serve
     if name in ("create_app", "AgdServer"):
-        from . import app
+        from . import app  # optional: fastapi, pydantic (pip install 'agdecode[serve]')
 
         return getattr(app, name)
     raise AttributeError(name)
@@ -61,23 +65,17 @@ def cmd_serve(args) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                     args.host)
     if args.replicas is not None:
-        from .ray_serve import run_ray
-
         return run_ray(dict(model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                             server=_server_options(args)),
                        host=args.host, port=args.port, replicas=args.replicas, address=args.ray_address,
                        num_gpus=args.num_gpus_per_replica, num_cpus=args.num_cpus_per_replica)
-    import importlib.util
-
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingPackageError(f"agd serve needs the serve extra ({', '.join(missing)} missing): "
                                   "pip install 'agdecode[serve]'")
-    import uvicorn
-    import torch
+    import uvicorn  # optional: pip install 'agdecode[serve]' (checked just above)
 
-    from ..models import load_model
-    from .app import AgdServer, create_app
+    from .app import AgdServer, create_app  # optional: fastapi, pydantic, prometheus_client (checked above)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,8 +15,11 @@ import logging
 import signal
 import threading
 
+import torch
+
 from ..errors import AgdError, MissingPackageError
 from ..eval.ray_runner import init_ray
+from ..models import load_model
 
 __all__ = ["deployment", "run_ray"]
 
@@ -27,11 +30,9 @@ class AgdReplica:
     """One model and its decoding thread; Ray Serve calls ``__serve_build_asgi_app__`` after ``__init__``."""
 
     def __init__(self, options: dict):
-        import torch
-        from ray import serve
+        from ray import serve  # optional: pip install 'agdecode[serve-ray]'
 
-        from ..models import load_model
-        from .app import AgdServer
+        from .app import AgdServer  # optional: fastapi (agdecode[serve]); `agd --help` imports this module
 
         device = options["device"]
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -43,14 +44,14 @@ class AgdReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self):
-        from .app import create_app
+        from .app import create_app  # optional: fastapi (agdecode[serve]), as in __init__
 
         return create_app(self.server, replica=self.replica)
 
 
 def deployment(options: dict, replicas: int, num_gpus: float = 0, num_cpus: float = 1):
     """The bound Ray Serve application: ``replicas`` copies of :class:`AgdReplica` built from ``options``."""
-    from ray import serve
+    from ray import serve  # optional: pip install 'agdecode[serve-ray]'
 
     max_batch = options["server"].get("max_batch", 16)
     dep = serve.deployment(serve.ingress()(AgdReplica), name="agd").options(
@@ -67,8 +68,8 @@ def run_ray(options: dict, host: str = "127.0.0.1", port: int = 8000, replicas: 
             num_gpus: float = 0, num_cpus: float = 1) -> int:
     """Start Ray (or join ``address``), serve ``replicas`` replicas on ``host:port`` until SIGTERM/SIGINT."""
     try:
-        import ray
-        from ray import serve
+        import ray  # optional: pip install 'agdecode[serve-ray]'
+        from ray import serve  # optional, as above
     except ImportError:
         raise MissingPackageError("agd serve --replicas needs Ray Serve: pip install 'agdecode[serve-ray]'") from None
     if not isinstance(replicas, int) or replicas < 1:
