@@ -32,8 +32,9 @@ def test_ray_two_workers_match_a_local_run(tokenizer, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ray_runner.RayPool, "close", checked_close)
     local = run_eval(EvalSpec(**spec), tmp_path / "local", progress=False)
-    sharded = run_eval(EvalSpec(**spec, batch_size=2), tmp_path / "ray", progress=False,  # 3 chunks of 2
-                       ray={"workers": 2, "cpus_per_worker": 1, "num_cpus": 2})
+    sharded_spec = EvalSpec(**spec, batch_size=2)  # 3 chunks of 2
+    sharded = run_eval(sharded_spec, tmp_path / "ray", progress=False,
+                       pool=ray_runner.RayPool(sharded_spec, workers=2, cpus_per_worker=1, num_cpus=2))
     assert auth == [True]
 
     def records(root):

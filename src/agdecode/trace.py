@@ -114,9 +114,7 @@ class GenerationResult:
         Example:
             >>> Path("report.html").write_text(result.to_html())
         """
-        from .report.html import render_html  # lazy: report.html imports this module (a two-module circle)
-
-        return render_html(self, title=title)
+        return report_html.render_html(self, title=title)
 
     def show(self, title: str | None = None) -> Path | None:
         """Show the HTML report inline in Jupyter, or write it to a temporary file and print its path.
@@ -124,6 +122,9 @@ class GenerationResult:
         Example:
             >>> result.show()
         """
-        from .report.html import show  # lazy: as in to_html
+        return report_html.show(self, title=title)
 
-        return show(self, title=title)
+
+# Last, as a module: the report renders GenerationResult, so report.html imports it from here; by
+# now it is defined, whichever of the two modules is imported first.
+from .report import html as report_html  # noqa: E402

@@ -16,6 +16,7 @@ from ..models import DTYPE_HELP, load_model
 from .data import ItemFileError, read_items
 from .datasets import BUILTIN, load_items, qa_messages
 from .methods import method_choices, parse_set
+from .ray_runner import RayPool
 from .report import archive_runs, build_report, markdown_tables, update_doc
 from .runner import EvalSpec, check_limit, prepare, run_eval
 from .sysbench import add_arguments
@@ -92,7 +93,8 @@ def cmd_run(args) -> int:
             load_calibration(model, args.calibration)
     try:
         for spec in specs:
-            s = run_eval(spec, out, model, tok, ray=ray, progress=not args.no_progress)
+            pool = RayPool(spec, **ray) if ray is not None else None
+            s = run_eval(spec, out, model, tok, pool=pool, progress=not args.no_progress)
             metrics = ", ".join(f"{k} {v:.3f}" for k, v in s["metrics"].items() if v is not None)
             err = f", {s['n_errors']} errors" if s["n_errors"] else ""
             guided = s["trace"]["guided_fraction"] or 0

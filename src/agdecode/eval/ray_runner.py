@@ -6,8 +6,8 @@ the output, the resumption and the summary are those of a local run (only the li
 
 Example:
     >>> spec = EvalSpec("rules", "rules", "agd", model="/models/Qwen2.5-7B-Instruct", dtype="bfloat16")
-    >>> run_eval(spec, "runs/rules", ray={"address": "auto"})        # an existing cluster
-    >>> run_eval(spec, "runs/rules", ray={"workers": 2, "cpus_per_worker": 1})   # a local one
+    >>> run_eval(spec, "runs/rules", pool=RayPool(spec, address="auto"))        # an existing cluster
+    >>> run_eval(spec, "runs/rules", pool=RayPool(spec, workers=2, cpus_per_worker=1))   # a local one
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class RayPool:
         except ImportError as e:
             raise MissingPackageError("--ray needs the ray package: pip install ray") from e
         self.ray = ray
+        self.options = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker}  # for run.json
         self._started = not ray.is_initialized()
         if self._started:
             init_ray(ray, address, "--ray", include_dashboard=False, log_to_driver=False, configure_logging=False,

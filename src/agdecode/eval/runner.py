@@ -233,30 +233,38 @@ def _asked(store: RunStore, items: list[dict]) -> list[dict]:
     return [r for r in records if r["id"] in asked]
 
 
-def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ray: dict | None = None,
+def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, pool=None,
              progress: bool = True) -> dict:
     """Run ``spec`` into ``out_dir/<method>/``, resuming what is already there; return the summary.
 
-    ``ray`` (``{"address": ..., "workers": ..., "cpus_per_worker": ...}``) shards the items over Ray
-    actors instead of running them here; the files written are the same.
-    """
-    data, gen = prepare(spec)
-    store = RunStore(Path(out_dir) / spec.method.replace("/", "_"))
-    if ray is not None:
-        from .ray_runner import RayPool  # lazy: ray_runner imports this module at its top (a two-module circle)
+    ``pool`` (a :class:`~agdecode.eval.ray_runner.RayPool` made for ``spec``) shards the items over
+    Ray actors instead of running them here; the files written are the same; the pool is closed at the end.
 
-        pool = RayPool(spec, **ray)
-        identity, gen = pool.resolve(gen)
-    else:
-        if model is None:
-            model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
-        identity, gen = resolve_for_model(model, gen, spec.calibration)
-    info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": ray, "provenance": provenance()}
-    dtype = pool.dtype() if ray is not None else dtype_name(model.dtype)
-    done = store.open(_settings(spec, data, gen, identity, dtype), info)
+    Example:
+        >>> run_eval(spec, "runs/rules")                                   # here
+        >>> run_eval(spec, "runs/rules", pool=RayPool(spec, workers=2))    # over Ray actors
+    """
+    ray = pool is not None
+    try:
+        data, gen = prepare(spec)
+        store = RunStore(Path(out_dir) / spec.method.replace("/", "_"))
+        if ray:
+            identity, gen = pool.resolve(gen)
+        else:
+            if model is None:
+                model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
+            identity, gen = resolve_for_model(model, gen, spec.calibration)
+        info = {"data": data.describe(), "spec": dataclasses.asdict(spec), "agdecode": __version__,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ray": pool.options if ray else None,
+                "provenance": provenance()}
+        dtype = pool.dtype() if ray else dtype_name(model.dtype)
+        done = store.open(_settings(spec, data, gen, identity, dtype), info)
+    except BaseException:
+        if ray:  # nothing ran: the actors go now, not at interpreter exit
+            pool.close()
+        raise
     todo = [it for it in data.items if it["id"] not in done]
-    records: Iterable[dict] = (pool.records(todo, gen) if ray is not None
+    records: Iterable[dict] = (pool.records(todo, gen) if ray
                                else _local_records(model, tokenizer, spec, todo, gen))
     bar = None
     if progress:
@@ -276,7 +284,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, model=None, tokenizer=None, ra
     finally:
         if bar is not None:
             bar.close()
-        if ray is not None:
+        if ray:
             pool.close()
         summary = summarize(_asked(store, data.items), spec.task, store.timings())
         summary.update(complete=complete, method=spec.method, data=data.name)
