@@ -6,13 +6,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+from numbers import Real
 from pathlib import Path
 from typing import Callable
 
 from .errors import AgdError
 
-__all__ = ["check_writable", "check_not_clobbering", "is_agd_json", "is_agd_html", "positive_int", "nonnegative_int", "threshold", "port"]
+__all__ = ["is_int", "is_number", "check_writable", "check_not_clobbering", "is_agd_json", "is_agd_html", "positive_int", "nonnegative_int", "threshold", "port"]
+
+
+def is_int(x) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to a user).
+
+    Example:
+        >>> is_int(3), is_int(True), is_int(3.0)
+        (True, False, False)
+    """
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """A finite real number that is not a bool.
+
+    Example:
+        >>> is_number(0.5), is_number(float("nan")), is_number(False)
+        (True, False, False)
+    """
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def nonnegative_int(text: str) -> int:

@@ -30,6 +30,7 @@ from .baselines import describe_vector, validate_settings
 from .calibration import calibrated_threshold
 from .baselines.sampling import Sampler
 from .engines import ATTRIBUTIONS, ENGINES
+from .checks import is_int
 from .errors import AgdError, NonFiniteLogitsError
 from .methods import get_method, method_names
 from .models import dtype_name, input_device
@@ -46,10 +47,6 @@ __all__ = ["AGDConfig", "Decoder", "Job", "make_jobs", "resolve_config", "run", 
 PAPER_ENTROPY_THRESHOLD = 1.734  # nats; the paper's 80th percentile on IHEval, for its models
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_STOP_STRINGS = 128
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -87,7 +84,7 @@ class AGDConfig:
 
     def validate(self) -> "AGDConfig":
         method = get_method(self.method)  # MethodError (an AgdError) for an unknown name
-        if not _int(self.k) or self.k < 1:
+        if not is_int(self.k) or self.k < 1:
             raise AgdError(f"k must be an integer >= 1, got {self.k!r}")
         if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)) \
                 or not 0.0 <= self.min_prob <= 1.0:
@@ -103,15 +100,15 @@ class AGDConfig:
             raise AgdError(f"attribution must be one of {ATTRIBUTIONS}, got {self.attribution!r}")
         if self.engine not in ENGINES:
             raise AgdError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise AgdError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _int(self.min_new_tokens) or self.min_new_tokens < 0:
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise AgdError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
-        if not _int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+        if not is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise AgdError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         if self.bad_words_ids is not None and not (
                 isinstance(self.bad_words_ids, (list, tuple)) and self.bad_words_ids and all(
-                    isinstance(s, (list, tuple)) and s and all(_int(i) and i >= 0 for i in s)
+                    isinstance(s, (list, tuple)) and s and all(is_int(i) and i >= 0 for i in s)
                     for s in self.bad_words_ids)):
             raise AgdError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, "
                            f"got {self.bad_words_ids!r}")
@@ -122,8 +119,8 @@ class AGDConfig:
         if self.stop_strings is not None and len(self.stop_strings) > MAX_STOP_STRINGS:
             # transformers' StopStringCriteria precomputes tables per string (~24 ms each on a CPU).
             raise AgdError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
-        if not _int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            got = f"an integer of {self.seed.bit_length()} bits" if _int(self.seed) else repr(self.seed)[:80]
+        if not is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            got = f"an integer of {self.seed.bit_length()} bits" if is_int(self.seed) else repr(self.seed)[:80]
             raise AgdError(f"seed must be an integer from -2**63 to 2**64 - 1, got {got}")
         if self.roi is not None:
             parse_rois(self.roi)  # roi=5, roi=[], a bad ROI string: refused before any compute
@@ -518,8 +515,13 @@ def make_config(config: AGDConfig | None = None, **settings) -> AGDConfig:
     return replace(config or AGDConfig(), **settings).validate()
 
 
-def _conversations(x) -> tuple[bool, list]:
-    """(whether ``x`` is one conversation, the list of conversations); a batch is a list of message lists."""
+def as_conversations(x) -> tuple[bool, list]:
+    """(whether ``x`` is one conversation, the list of conversations); a batch is a list of message lists.
+
+    Example:
+        >>> as_conversations([{"role": "user", "content": "Hi"}])
+        (True, [[{'role': 'user', 'content': 'Hi'}]])
+    """
     what = "messages must be a non-empty list of {'role', 'content'} dicts, a string, or a list of such lists"
     if isinstance(x, str):
         return True, [x]
@@ -587,10 +589,10 @@ def generate(
         >>> outs = agdecode.generate(model, tok, [messages, messages[1:]], entropy_threshold=1.734,
         ...                          repetition_penalty=1.1, stop_strings=["\\n\\n"])
     """
-    single, convs = _conversations(conversations)
+    single, convs = as_conversations(conversations)
     docs = _documents_per_conversation(documents, len(convs), single)
     _check_protocols(logits_processor, stopping_criteria, streamer)
-    if batch_size is not None and (not _int(batch_size) or batch_size < 1):
+    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
         raise AgdError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if streamer is not None and len(convs) > 1:
         raise AgdError("streamer= streams one conversation; pass one, or use Decoder with Job.on_token")

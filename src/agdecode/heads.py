@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import is_int
 from .architectures import get_spec
 from .identity import model_key, same_model  # model_key re-exported
 from .errors import ROIError
@@ -78,7 +79,7 @@ def _check_pairs(pairs, where: str) -> list[list[int]]:
         raise ROIError(f"{where}: the head list must be a non-empty list of [layer, head] pairs.")
     for pair in pairs:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+                or not all(is_int(x) for x in pair)):
             raise ROIError(f"{where}: head {str(pair)[:40]} is not a [layer, head] pair of integers.")
     return [list(p) for p in pairs]
 

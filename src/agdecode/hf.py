@@ -29,7 +29,7 @@ from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaL
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from .decoding import Decoder, Job, make_jobs, resolve_config, run
+from .decoding import Decoder, Job, as_conversations, make_jobs, resolve_config, run
 from .errors import AgdError
 from .prompt import Prompt, render_prompt
 from .roi import Region, ROIError, resolve_region
@@ -69,7 +69,7 @@ def prepare(tokenizer, conversations, roi: str = "system", documents=None, chat_
         ...                        {"role": "user", "content": "Hi"}])
         >>> out = model.generate(**inputs, custom_generate=agd_generate, max_new_tokens=20)
     """
-    convs = _conversations(conversations)
+    _, convs = as_conversations(conversations)
     docs = [None] * len(convs) if documents is None else ([documents] if len(convs) == 1 and _is_docs(documents)
                                                           else list(documents))
     if len(docs) != len(convs):
@@ -209,16 +209,6 @@ def _dropped_streamer() -> bool:
     return frame.f_locals.get("streamer") is not None
 
 
-def _conversations(conversations) -> list:
-    if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
-        return [list(conversations)]
-    if isinstance(conversations, str):
-        return [conversations]
-    if not isinstance(conversations, (list, tuple)) or not conversations:
-        raise AgdError("conversations must be a conversation (a list of {'role', 'content'} messages) or a list of them")
-    return list(conversations)
-
-
 def _is_docs(documents) -> bool:
     return isinstance(documents, (list, tuple)) and bool(documents) and isinstance(documents[0], dict)
 
@@ -285,7 +275,7 @@ def _regions(model, tokenizer, seqs: list, pads: list, roi_mask, roi, messages) 
                        "roi_mask=")
     specs = list(roi) if isinstance(roi, (list, tuple)) else [roi]
     if messages is not None:
-        convs = _conversations(messages)
+        _, convs = as_conversations(messages)
         if len(convs) != len(seqs):
             raise AgdError(f"messages has {len(convs)} conversations for a batch of {len(seqs)}")
         prompts = [render_prompt(tokenizer, c) for c in convs]

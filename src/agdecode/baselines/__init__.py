@@ -18,24 +18,15 @@ method      next-token scores                                                   
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from pathlib import Path
 
 import torch
 
+from ..checks import is_int, is_number
 from ..errors import AgdError, BaselineError
 
 
 __all__ = ["BaselineError", "validate_settings", "describe_vector"]
-
-
-def _number(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def validate_settings(cfg) -> None:
@@ -47,23 +38,23 @@ def validate_settings(cfg) -> None:
         Traceback (most recent call last):
         agdecode.errors.AgdError: cad_alpha must be a number >= 0 ...
     """
-    if not _number(cfg.cad_alpha) or cfg.cad_alpha < 0:
+    if not is_number(cfg.cad_alpha) or cfg.cad_alpha < 0:
         raise AgdError(f"cad_alpha must be a number >= 0 (0 = no contrast; Shi et al. use 0.5 or 1.0), "
                          f"got {cfg.cad_alpha!r}")
     layers = cfg.dola_layers
-    if not (layers in ("low", "high") or (isinstance(layers, (list, tuple)) and layers and all(map(_int, layers)))):
+    if not (layers in ("low", "high") or (isinstance(layers, (list, tuple)) and layers and all(map(is_int, layers)))):
         raise AgdError(f"dola_layers must be 'low', 'high' or a non-empty list of layer indices, got {layers!r}")
-    if cfg.repetition_penalty is not None and (not _number(cfg.repetition_penalty) or cfg.repetition_penalty <= 0):
+    if cfg.repetition_penalty is not None and (not is_number(cfg.repetition_penalty) or cfg.repetition_penalty <= 0):
         raise AgdError(f"repetition_penalty must be a number > 0 (1.0 = none), got {cfg.repetition_penalty!r}")
-    if cfg.steer_layer is not None and (not _int(cfg.steer_layer) or cfg.steer_layer < 0):
+    if cfg.steer_layer is not None and (not is_int(cfg.steer_layer) or cfg.steer_layer < 0):
         raise AgdError(f"steer_layer must be None or an integer >= 0, got {cfg.steer_layer!r}")
-    if not _number(cfg.steer_weight):
+    if not is_number(cfg.steer_weight):
         raise AgdError(f"steer_weight must be a finite number, got {cfg.steer_weight!r}")
-    if not _number(cfg.temperature) or cfg.temperature <= 0:
+    if not is_number(cfg.temperature) or cfg.temperature <= 0:
         raise AgdError(f"temperature must be a number > 0, got {cfg.temperature!r}")
-    if not _number(cfg.top_p) or not 0 < cfg.top_p <= 1:
+    if not is_number(cfg.top_p) or not 0 < cfg.top_p <= 1:
         raise AgdError(f"top_p must be in (0, 1], got {cfg.top_p!r}")
-    if not _int(cfg.seed):
+    if not is_int(cfg.seed):
         raise AgdError(f"seed must be an integer, got {cfg.seed!r}")
 
 

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Union
 
-from ..checks import check_not_clobbering, check_writable, is_agd_html
+from ..checks import check_not_clobbering, check_writable, is_agd_html, is_int
 from ..errors import AgdError, TraceFileError
 from ..methods import get_method, method_names
 from ..trace import GenerationResult
@@ -83,7 +83,7 @@ def _trace_problem(d: dict) -> str | None:
             kind = {"str": "string"}.get(t.__name__, t.__name__)
             return f"field {k!r} must be a {kind}" if k in d else f"field {k!r} is missing"
     for k in ("token_ids", "prompt_ids"):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in d[k]):
+        if not all(is_int(t) for t in d[k]):
             return f"field {k!r} must be a list of integers"
     if "model" in d and not isinstance(d["model"], str):
         return "field 'model' must be a string"
