@@ -10,7 +10,8 @@ Example:
 from .adapters import UnsupportedArchitectureError, attnlrp
 from .architectures import get_spec
 from .errors import AgdError
-from .decoding import AGDConfig, NonFiniteLogitsError, compare, entropy, generate
+from .config import AGDConfig
+from .decoding import NonFiniteLogitsError, compare, entropy, generate
 from .models import ModelNotFoundError, load_model
 from .prefix_cache import PrefixCache
 from .prompt import render_prompt

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .decoding import AGDConfig, Decoder, make_jobs, run
+from .config import AGDConfig
+from .decoding import Decoder, make_jobs, run
 from .errors import AgdError
 from .eval.datasets import load_items
 from .models import DTYPE_HELP, dtype_name, load_model, native_bf16, resolve_dtype

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from .calibration import (CalibrationError, calibrated_threshold, calibration_path, load_calibration,  # noqa: F401
                           save_calibration, shipped_calibration_path)  # re-exported: agdecode.calibrate keeps them
-from .decoding import PAPER_ENTROPY_THRESHOLD, generate
+from .config import PAPER_ENTROPY_THRESHOLD
+from .decoding import generate
 from .identity import model_identity
 from .models import dtype_name, input_device
 from .errors import AgdError

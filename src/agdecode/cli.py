@@ -18,7 +18,8 @@ from . import __version__, generate, load_model
 from .baselines.steering import fit_steering_vector
 from .bench import register_bench
 from .checks import check_not_clobbering, check_writable, is_agd_json, threshold
-from .decoding import AGDConfig, make_jobs, resolve_config
+from .config import AGDConfig, resolve_config
+from .decoding import make_jobs
 from .discovery import register_heads
 from .engines import ENGINES
 from .errors import AgdError

@@ -29,7 +29,8 @@ from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaL
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from .decoding import Decoder, Job, as_conversations, make_jobs, resolve_config, run
+from .config import resolve_config
+from .decoding import Decoder, Job, as_conversations, make_jobs, run
 from .errors import AgdError
 from .prompt import Prompt, render_prompt
 from .roi import Region, ROIError, resolve_region

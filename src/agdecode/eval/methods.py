@@ -11,14 +11,15 @@ import inspect
 import json
 from dataclasses import dataclass, field
 
-from ..decoding import AGDConfig, generate
+from ..config import AGDConfig
+from ..decoding import generate
 from ..errors import AgdError, MethodUnavailableError
 from ..methods import get_method, method_names
 from ..roi import parse_rois
 
 __all__ = ["Preset", "PRESETS", "BASELINE", "MethodUnavailableError", "resolve_method", "method_choices"]
 
-from ..decoding import PAPER_ENTROPY_THRESHOLD as PAPER_TAU  # 1.734 nats, the paper's gate
+from ..config import PAPER_ENTROPY_THRESHOLD as PAPER_TAU  # 1.734 nats, the paper's gate
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from .. import __version__, decoding
+from ..config import AGDConfig
 from ..calibrate import calibrated_threshold, model_identity
 from ..errors import AgdError
 from .datasets import load_items, qa_messages
@@ -160,7 +161,7 @@ def _record(model, task: str, item: dict, res, s: int, generate_s: float) -> dic
 
 
 def _config_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(decoding.AGDConfig)}
+    return {f.name for f in dataclasses.fields(AGDConfig)}
 
 
 def resolve_for_model(model, gen_kwargs: dict, calibration: str | None = None) -> tuple[dict, dict]:
@@ -190,7 +191,7 @@ def prepare(spec: EvalSpec):
     if probe.get("entropy_threshold") == "auto":
         probe["entropy_threshold"] = 0.0
     try:
-        decoding.AGDConfig(**probe).validate()
+        AGDConfig(**probe).validate()
     except AgdError:
         raise
     except ValueError as e:  # the settings' own checks, worded for the API: a bad input of this run

@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import hf
-from ..decoding import make_config
+from ..config import make_config
 from ..errors import AgdError
 from ..models import DEFAULT_MODEL, builtin_model_folder
 from ..prompt import render_prompt

@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..architectures import get_spec
-from ..decoding import make_jobs, resolve_config
+from ..config import resolve_config
+from ..decoding import make_jobs
 from ..errors import AgdError
 from ..methods import get_method
 from ..roi import parse_rois

@@ -26,7 +26,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..decoding import AGDConfig, Decoder, Job
+from ..config import AGDConfig
+from ..decoding import Decoder, Job
 from ..prefix_cache import PrefixCache
 from ..trace import GenerationResult
 from ..errors import AgdError

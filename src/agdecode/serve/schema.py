@@ -13,7 +13,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from ..decoding import SEED_RANGE
+from ..config import SEED_RANGE
 from ..roi import parse_rois
 
 # A bound far above any model's context, so a huge max_tokens is a 400 here, not an error deep inside.
