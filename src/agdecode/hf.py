@@ -32,6 +32,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from .config import resolve_config
 from .decoding import Decoder, Job, as_conversations, make_jobs, run
 from .errors import AgdError
+from .prefix_cache import PrefixCache
 from .prompt import Prompt, render_prompt
 from .roi import Region, ROIError, resolve_region
 from .sources import left_pad
@@ -179,7 +180,8 @@ def agd_generate(model: nn.Module, input_ids: torch.LongTensor, logits_processor
             for s, rs, p in zip(seqs, regions, prompts)]
     rows = _PerRow(_processors(logits_processor, gen), jobs, pads, gen.return_dict_in_generate and gen.output_scores,
                    gen.return_dict_in_generate and gen.output_logits)
-    decoder = Decoder(model, tokenizer, cfg)
+    # As generate(): rows that start alike (one system prompt) compute that prefix once, exactly.
+    decoder = Decoder(model, tokenizer, cfg, prefix_cache=PrefixCache() if batch > 1 else None)
     if streamer is not None:
         jobs[0].on_token = lambda t: streamer.put(torch.tensor([t]))
     run(decoder, jobs, batch_size or batch)
