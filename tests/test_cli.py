@@ -27,6 +27,10 @@ def test_generate_compare_writes_both_traces(model_dir, tmp_path, capsys):
     assert len(data["agd"]["steps"]) == 4 and data["agd"]["config"]["k"] == 3
     marked = sum(s["overridden"] for s in data["agd"]["steps"])
     assert shown.count("[") >= marked  # every overridden token is bracketed
+    for trace in data.values():  # the code, packages and machine behind each trace
+        prov = trace["extra"]["provenance"]
+        assert {"git", "torch", "transformers", "cpu", "threads"} <= set(prov) and "commit" in prov["git"]
+    assert main(["report", str(out), "-o", str(tmp_path / "r.html")]) == 0  # still a trace the report reads
 
 
 def test_help_explains_every_knob():

@@ -7,6 +7,7 @@ Example:
     ...                                      {"role": "user", "content": "Tell me about cats."}])
     >>> out.text
 """
+from ._version import __version__
 from .adapters import UnsupportedArchitectureError, attnlrp
 from .architectures import get_spec
 from .errors import AgdError
@@ -18,9 +19,8 @@ from .prompt import render_prompt
 from .roi import ROI, ROIError, resolve_roi
 from .trace import GenerationResult
 
-__version__ = "0.1.0"
 __all__ = [
     "AGDConfig", "AgdError", "GenerationResult", "ModelNotFoundError", "NonFiniteLogitsError", "PrefixCache", "ROI", "ROIError",
     "UnsupportedArchitectureError", "attnlrp", "compare", "entropy", "generate", "get_spec", "load_model",
-    "render_prompt", "resolve_roi",
+    "render_prompt", "resolve_roi", "__version__",
 ]

@@ -28,6 +28,7 @@ from .heads import parse_head_spec
 from .identity import model_identity
 from .methods import get_method, method_names
 from .models import DTYPE_HELP, dtype_name
+from .provenance import provenance
 from .prompt import render_documents
 from .report.html import register_report
 from .report.terminal import print_comparison, print_result
@@ -292,7 +293,7 @@ def _resume(out: Path, convs: list[dict], cfg, model) -> set[str]:
                  "model": model_identity(model)["fingerprint"], "dtype": dtype_name(model.dtype)}
     if not out.exists() or out.stat().st_size == 0:
         check_not_clobbering(sidecar, "the sidecar", own=lambda p: is_agd_json(p, "input_sha256"))
-        sidecar.write_text(json.dumps(made_from, indent=1), encoding="utf-8")
+        sidecar.write_text(json.dumps({**made_from, "provenance": provenance()}, indent=1), encoding="utf-8")
         return set()
     if not sidecar.is_file():
         raise AgdError(f"--output {out} exists and was not written by `agd generate --input` (no {sidecar.name} "
@@ -367,7 +368,8 @@ def cmd_generate(args) -> int:
         results = {args.method: generate(model, tok, messages, method=args.method, **kw, **_baseline_settings(args))}
         print_result(results[args.method], console=console)
     if args.json:
-        payload = {m: r.to_dict() for m, r in results.items()}
+        prov = provenance()  # the code, packages and machine behind the trace
+        payload = {m: {**r.to_dict(), "extra": {**r.extra, "provenance": prov}} for m, r in results.items()}
         _write_json(args.json, payload if args.compare else payload[args.method])
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["git_state", "provenance"]
 

@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .provenance import provenance
+
 __all__ = ["Candidate", "Step", "GenerationResult"]
 
 
@@ -90,8 +92,16 @@ class GenerationResult:
         return d
 
     def save(self, path: str | Path) -> Path:
+        """Write this result as JSON (with the code, packages and machine behind it: ``extra["provenance"]``).
+
+        Example:
+            >>> result.save("trace.json"); GenerationResult.load("trace.json").text == result.text
+            True
+        """
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+        d = self.to_dict()
+        d["extra"] = {**d["extra"], "provenance": d["extra"].get("provenance") or provenance()}
+        path.write_text(json.dumps(d, ensure_ascii=False, indent=1))
         return path
 
     @classmethod

@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from .. import __version__, decoding
+from .. import decoding
+from .._version import __version__
 from ..config import AGDConfig
 from ..calibrate import calibrated_threshold, model_identity
 from ..errors import AgdError

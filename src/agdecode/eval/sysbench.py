@@ -53,7 +53,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import __version__, decoding
+from .. import decoding
+from .._version import __version__
 from ..errors import AgdError, JudgeError
 from ..models import DTYPE_HELP, dtype_name, load_model
 from .judge import Judge, JudgeConfig, parse_verdicts
