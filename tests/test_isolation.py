@@ -131,3 +131,50 @@ def test_a_batch_that_breaks_after_a_row_finished_still_answers_that_row(model, 
         unregister_method("breaks-test")
     assert out[0][1] is None and len(out[0][0].token_ids) == 1
     assert out[1][0] is None and "out of memory" in str(out[1][1])
+
+
+def test_a_request_whose_source_cannot_start_fails_alone(model, tokenizer):
+    # Its decoder opens, but the source refuses the request when it is made (e.g. packed weights):
+    # that request gets the error; a greedy request beside it is answered as usual.
+    from agdecode.errors import QuantizedWeightsError
+    from agdecode.methods import DecodingMethod, register_method, unregister_method
+
+    class Refuses(DecodingMethod):
+        name = "refuses-test"
+
+        def source(self, cfg, model, n_rois, heads):
+            raise QuantizedWeightsError("packed LM head")
+
+    register_method(Refuses)
+    try:
+        greedy = resolve_config(model, tokenizer, method="greedy", max_new_tokens=4)
+        refused = resolve_config(model, tokenizer, method="refuses-test", max_new_tokens=4)
+        jobs = [make_jobs(model, tokenizer, cfg, CONVS[:1])[0] for cfg in (greedy, refused)]
+        out = _serve(model, tokenizer, [(jobs[0], greedy), (jobs[1], refused)])
+    finally:
+        unregister_method("refuses-test")
+    want = agdecode.generate(model, tokenizer, CONVS[0], method="greedy", max_new_tokens=4)
+    assert out[0][1] is None and out[0][0].token_ids == want.token_ids
+    assert out[1][0] is None and "packed LM head" in str(out[1][1])
+
+
+def test_a_request_cancelled_while_its_prompt_waits_for_prefill_is_dropped_unprefilled(model, tokenizer):
+    from test_prefix_cache import SYSTEM
+
+    cfg = resolve_config(model, tokenizer, **SETTINGS)
+    long_job = make_jobs(model, tokenizer, cfg, [[{"role": "system", "content": SYSTEM},
+                                                  {"role": "user", "content": "Hi"}]])[0]
+    emitted = []
+    long_job.on_token = emitted.append
+    sched = Scheduler(model, tokenizer, max_batch=8)
+    got = {}
+    done = threading.Event()
+    sched._inbox.put(Request("r0", long_job, cfg, done=lambda r, e: (got.update(result=r, error=e), done.set())))
+    sched._take(block=False)
+    sched._admit()  # its prefill is started (three chunks), nothing of it run yet
+    sched._advance(next(iter(sched._decoders.values())))  # one chunk
+    long_job.cancelled = True  # the client leaves
+    sched.start()
+    assert done.wait(60)
+    sched.close(30)
+    assert got == {"result": None, "error": None} and long_job.finish_reason == "cancelled" and emitted == []

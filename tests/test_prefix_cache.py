@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import agdecode
 from agdecode import PrefixCache
@@ -83,7 +84,7 @@ def test_the_cache_is_bounded_and_least_recently_used_goes_first(llama):
     assert len(cache) == 1 and cache.nbytes <= cache.max_bytes and cache.stats()["evictions"] == 1
     agdecode.generate(model, tok, convs("B. " + SYSTEM)[1], prefix_cache=cache, **KW)
     assert cache.stats()["hits"] == 1  # the newer one stayed
-    tiny = PrefixCache(max_bytes=one // 2)  # no entry fits: nothing kept, nothing breaks
+    tiny = PrefixCache(max_bytes=one // 4)  # not one block fits: nothing kept, nothing breaks
     agdecode.generate(model, tok, convs(), prefix_cache=tiny, **KW)
     assert len(tiny) == 0 and tiny.nbytes == 0
 
@@ -121,3 +122,49 @@ def test_bad_prefix_cache_arguments(llama):
     agdecode.generate(model, tok, convs(), prefix_cache=cache, method="greedy", max_new_tokens=2)
     agdecode.generate(model, tok, convs()[0], prefix_cache=cache, **{**KW, "engine": "reverse"})
     assert len(cache) == 0 and cache.stats()["hits"] == cache.stats()["misses"] == 0
+
+
+def test_prompts_that_share_nothing_with_an_entry_miss_quietly(llama):
+    # No token in common (a template without a BOS token, a raw prompt), or a one-token prompt.
+    from agdecode.engines import make_engine
+    from agdecode.sources import Row
+
+    model, _ = llama
+    cache = PrefixCache()
+
+    def row(ids):
+        ids = torch.tensor(ids)
+        return Row(ids, token_weights=torch.ones(1, len(ids)))
+
+    with make_engine("forward", model) as engine:
+        engine.use_prefix_cache(cache)
+        engine.prefill([row(list(range(10, 210)))])
+        assert len(cache) == 1
+        engine.prefill([row(list(range(300, 320))), row([5]), row(list(range(400, 700)))])
+    assert cache.stats()["hits"] == 0 and cache.stats()["misses"] == 4 and len(cache) == 2
+
+
+def test_a_prompt_larger_than_the_cache_keeps_the_blocks_that_fit_and_drops_nothing_else(llama):
+    model, tok = llama
+    probe = PrefixCache()
+    agdecode.generate(model, tok, convs()[0], prefix_cache=probe, **KW)  # ~2 blocks of the system prompt
+    per_block = probe.nbytes // (probe._entries[next(iter(probe._entries))].ids.shape[0] // 128)
+    cache = PrefixCache(max_bytes=2 * per_block)
+    agdecode.generate(model, tok, convs()[0], prefix_cache=cache, **KW)
+    longer = [{"role": "system", "content": SYSTEM + " " + SYSTEM[:600]}, {"role": "user", "content": "Hi"}]
+    agdecode.generate(model, tok, longer, prefix_cache=cache, **KW)  # 3+ blocks: only 2 fit
+    assert len(cache) == 1 and cache.nbytes <= cache.max_bytes
+    agdecode.generate(model, tok, convs()[1], prefix_cache=cache, **KW)
+    assert cache.stats()["hits"] >= 2  # the shared system prompt is still there
+
+
+def test_a_list_of_raw_prompts_is_a_batch(llama):
+    model, tok = llama
+    prompts = ["The capital of France is", "Cats are"]
+    both = agdecode.generate(model, tok, prompts, roi="chars:0-4", **KW)
+    assert [r.token_ids for r in both] == [agdecode.generate(model, tok, p, roi="chars:0-4", **KW).token_ids
+                                           for p in prompts]
+    from agdecode import hf
+
+    inputs = hf.prepare(tok, prompts, roi="chars:0-5")
+    assert inputs["input_ids"].shape[0] == 2 and inputs["roi_mask"].sum(-1).min() > 0

@@ -384,7 +384,8 @@ def _check_length(model: nn.Module, n_prompt: int, max_new_tokens: int, which: s
 
 
 def as_conversations(x) -> tuple[bool, list]:
-    """(whether ``x`` is one conversation, the list of conversations); a batch is a list of message lists.
+    """(whether ``x`` is one conversation, the list of conversations); a batch is a list of message lists
+    and raw prompt strings.
 
     Example:
         >>> as_conversations([{"role": "user", "content": "Hi"}])
@@ -395,12 +396,12 @@ def as_conversations(x) -> tuple[bool, list]:
         return True, [x]
     if not isinstance(x, (list, tuple)) or len(x) == 0:
         raise AgdError(f"{what}; got {x!r:.80}")
-    if not all(isinstance(c, (list, tuple)) for c in x):
+    if not all(isinstance(c, (list, tuple, str)) for c in x):
         return True, [list(x)]  # one conversation; its messages are checked when it is rendered
     for n, c in enumerate(x):
-        if len(c) == 0:
+        if not isinstance(c, str) and len(c) == 0:
             raise AgdError(f"conversation {n}: {what}; got an empty list")
-    return False, [list(c) for c in x]
+    return False, [c if isinstance(c, str) else list(c) for c in x]  # a batch: conversations and raw prompts
 
 
 def _default_batch_size(model: nn.Module) -> int:

@@ -8,9 +8,10 @@ Exact by construction. Causal attention makes position t's keys and values a fun
 ``0..t`` only, and the tangent rows a function of the ROI weights over ``0..t`` too; so an entry
 serves a prompt for as many leading positions as both agree on. The reused length is a multiple of
 the source's prefill chunk: the rest of the prompt is then computed in exactly the chunks a prefill
-without reuse computes, on exactly the same cached keys, and the outputs are bit-for-bit the same
-(tests/test_prefix_cache.py). ``space`` holds what else must match (the source, its rows per
-sequence, attribution, head ROIs, dtype, model).
+without reuse computes, on exactly the same cached keys, and on a CPU (one prompt per pass) the
+outputs are bit-for-bit the same (tests/test_prefix_cache.py). ``space`` holds what else must
+match (the source, its rows per sequence, attribution, head ROIs, dtype, model and the version of
+its weights, attention implementation, chunk size).
 
 Entries are kept least-recently-used first out within ``max_bytes`` (the keys and values held).
 
@@ -48,6 +49,8 @@ class _Entry:
 def _agree(a: torch.Tensor, b: torch.Tensor) -> int:
     """How many leading columns (last dimension) ``a`` and ``b`` agree on (up to the shorter)."""
     n = min(a.shape[-1], b.shape[-1])
+    if n == 0:
+        return 0
     same = (a[..., :n] == b[..., :n]).reshape(-1, n).all(0)            # (n,)
     return n if bool(same.all()) else int((~same).int().argmax())
 
@@ -76,6 +79,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache (``if cache:`` must not skip it)
+        return True
+
     def stats(self) -> dict:
         """Counters: ``entries``, ``bytes``, ``hits``, ``misses``, ``tokens_reused``, ``evictions``."""
         return {"entries": len(self._entries), "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
@@ -98,7 +104,7 @@ class PrefixCache:
                 if e.space != space or not _same(e.heads, heads):
                     continue
                 n = _agree(e.ids, ids[:-1])
-                if weights is not None:
+                if weights is not None and n:
                     n = min(n, _agree(e.weights, weights[:, :n]))
                 n -= n % block
                 if n > best_n:
@@ -116,6 +122,10 @@ class PrefixCache:
         """Keep the first whole blocks of a prefilled prompt: ``ids`` ``(T,)``, ``layers`` its keys and
         values over those ``T`` positions (copied here as far as they are kept)."""
         n = (len(ids) // block) * block
+        # Its size before anything is dropped for it; a prefix too large for the whole cache keeps
+        # the blocks that fit (the shared system prompt at its start is what later prompts reuse).
+        per_position = sum((k[:, :, :1].nbytes + v[:, :, :1].nbytes) for k, v in layers)
+        n = min(n, (self.max_bytes // max(per_position, 1)) // block * block)
         if n == 0:
             return
         ids = ids[:n].cpu()
@@ -126,7 +136,7 @@ class PrefixCache:
                 if e.space != space or not _same(e.heads, heads):
                     continue
                 m = _agree(e.ids, ids)
-                if weights is not None:
+                if weights is not None and m:
                     m = min(m, _agree(e.weights, weights[:, :m]))
                 if m >= len(ids):
                     self._entries.move_to_end(key)
@@ -135,8 +145,6 @@ class PrefixCache:
                     self._drop(key)
         kept = [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in layers]
         nbytes = sum(k.nbytes + v.nbytes for k, v in kept)
-        if nbytes > self.max_bytes:
-            return
         with self._lock:
             while self._entries and self.nbytes + nbytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))

@@ -30,6 +30,10 @@ def git_state() -> dict:
     differ from the commit (the figure is then of those changes, not of the commit alone); ``changed``
     names them, so a reader sees whether they could matter (a README edit cannot)."""
     unknown = {"commit": None, "dirty": None, "changed": []}
+    # Only a source checkout (src/agdecode is this package): an installed copy sits in site-packages,
+    # whose parent folders may belong to some other repository.
+    if (_ROOT / "src" / "agdecode").resolve() != Path(__file__).resolve().parent:
+        return unknown
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],

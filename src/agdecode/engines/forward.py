@@ -456,8 +456,11 @@ class ForwardEngine(Source):
     def _space(self) -> tuple:
         """What a reused prefix must share besides its tokens and ROI weights (see agdecode.prefix_cache)."""
         emb = self.model.get_input_embeddings().weight
+        # The weights' in-place versions: a fine-tuning step between two prefills makes old entries stale.
+        versions = sum(p._version for p in self.model.parameters())
         return ("forward", self.width, self.attribution, self.heads, str(emb.dtype), id(self.model),
-                getattr(self.model.config, "_name_or_path", ""))
+                getattr(self.model.config, "_name_or_path", ""), self.kv.prefill_chunk,
+                self.model.config._attn_implementation, versions)
 
     def _lookup(self, row: Row) -> tuple | None:
         return self.prefix_cache.lookup(self._space(), row.input_ids, row.token_weights, row.head_weights,

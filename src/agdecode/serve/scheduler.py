@@ -186,28 +186,44 @@ class Scheduler:
                 continue
             if req.key not in self._decoders and not self._open_decoder(req):
                 continue
-            self._decoders[req.key].start([req.job])
+            try:
+                self._decoders[req.key].start([req.job])
+            except Exception as e:  # its source refuses it (e.g. packed weights): this request fails alone
+                log.warning("request %s cannot start: %s", req.id, e)
+                req.done(None, e)
+                continue
             self._live[id(req.job)] = req
             self.max_rows_seen = max(self.max_rows_seen, self._rows())
 
     def _advance(self, decoder: Decoder) -> None:
-        """One piece of the decoder's oldest started prefill; its request joins the batch when done."""
+        """One piece of the decoder's oldest started prefill; its request joins the batch when done.
+        A request cancelled while it waits for its prefill (its client left) is dropped with it."""
         jobs = decoder.pending[0][0]
+        if all(job.cancelled for job in jobs):
+            decoder.pending.popleft()  # nothing of it joined the batch: nothing to undo
+            for job in jobs:
+                req = self._live.pop(id(job), None)
+                if req is not None:
+                    self._finish_cancelled(req)
+            return
         t0 = time.perf_counter()
         try:
             joined = decoder.advance()
         except Exception as e:  # this prompt cannot be prefilled: its request fails, nobody else's
             for job in jobs:
-                req = self._live.pop(id(job))
-                log.warning("request %s failed in prefill: %s", req.id, e)
-                req.done(None, e)
+                req = self._live.pop(id(job), None)
+                if req is not None:
+                    log.warning("request %s failed in prefill: %s", req.id, e)
+                    req.done(None, e)
             return
         finally:
             for job in jobs:
                 if id(job) in self._live:
                     self._live[id(job)].prefill_s += time.perf_counter() - t0
         for job in joined:
-            req = self._live[id(job)]
+            req = self._live.get(id(job))
+            if req is None:
+                continue
             log.info("request %s joined the batch (%d rows; waited %.3f s)", req.id, len(decoder.jobs),
                      time.perf_counter() - req.submitted)
 
@@ -260,9 +276,9 @@ class Scheduler:
         """Answer every live request of this configuration after its batch broke mid-step: a row that had
         already finished (the step took it out before failing) gets its result, the others ``error``;
         the decoder is emptied (it closes when the loop sees it empty)."""
+        decoder.pending.clear()  # prefills not finished: their requests are answered below
         try:
             decoder.remove(list(decoder.jobs))
-            decoder.pending.clear()  # prefills not finished: their requests are answered below
         except Exception:
             log.exception("could not free the rows of a failed batch")
         for jid, req in [(j, r) for j, r in self._live.items() if r.key == key]:
