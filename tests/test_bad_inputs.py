@@ -229,7 +229,8 @@ def test_api_head_files(llama, files, name, match):
     ([], "messages must be a non-empty list"),
     ([{"role": 5, "content": "x"}], "string 'role'"),
     ([{"role": "user", "content": None}], "string 'content'"),
-    (["hello"], "message 0 must be a dict"),
+    ([{"role": "user", "content": "Hi"}, "hello"], "message 1 must be a dict"),
+    (["hello"], "ROI 'system' needs chat messages, but the prompt is a plain string"),  # a batch of one raw prompt
 ])
 def test_api_messages(llama, messages, match):
     with pytest.raises(AgdError, match=match):

@@ -19,7 +19,7 @@ DOC, RESULTS = ROOT / "docs" / "results.md", ROOT / "docs" / "results"
 def test_committed_tables_equal_the_ones_regenerated_from_the_committed_records():
     blocks = marked_blocks(DOC.read_text())
     assert {"rules-rules", "rules-rules-bfloat16", "rules-rules-bfloat16-pairs", "qa-triviaqa-bfloat16", "qa-nq-bfloat16",
-            "qa-nq-open-book-bfloat16"} <= set(blocks)
+            "qa-nq-open-book-bfloat16", "qa-nq-multi-doc-bfloat16", "qa-nq-multi-doc-bfloat16-pairs"} <= set(blocks)
     tables = markdown_tables([RESULTS])
     for name, table in blocks.items():
         assert table == tables[name], f"docs/results.md table {name} is stale: run `agd eval report --update-doc`"
