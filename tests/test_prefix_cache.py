@@ -168,3 +168,31 @@ def test_a_list_of_raw_prompts_is_a_batch(llama):
 
     inputs = hf.prepare(tok, prompts, roi="chars:0-5")
     assert inputs["input_ids"].shape[0] == 2 and inputs["roi_mask"].sum(-1).min() > 0
+
+
+def test_entries_go_stale_when_the_weights_change_in_place(tokenizer):
+    # An optimiser step (an in-place update under no_grad) between two calls: nothing old is reused.
+    model = make_tiny("llama", len(tokenizer))
+    cache = PrefixCache()
+    agdecode.generate(model, tokenizer, convs()[0], prefix_cache=cache, **KW)
+    agdecode.generate(model, tokenizer, convs()[1], prefix_cache=cache, **KW)
+    assert cache.stats()["hits"] == 1
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    fresh = agdecode.generate(model, tokenizer, convs()[2], prefix_cache=cache, **KW)
+    assert cache.stats()["hits"] == 1  # a miss: the entry was made with the old weights
+    same(fresh, agdecode.generate(model, tokenizer, convs()[2], prefix_cache=False, **KW))
+
+
+def test_entries_are_not_shared_between_engines_of_other_chunk_sizes(llama):
+    from agdecode.engines.forward import ForwardEngine
+    from agdecode.sources import Row
+
+    model, _ = llama
+    cache = PrefixCache()
+    ids = torch.arange(10, 400)
+    for chunk in (128, 64):
+        with ForwardEngine(model, prefill_chunk=chunk) as engine:
+            engine.use_prefix_cache(cache)
+            engine.prefill([Row(ids, token_weights=torch.ones(1, len(ids)))])
+    assert cache.stats()["hits"] == 0 and len(cache) == 2
