@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import is_int
 from .errors import AgdError
 
 __all__ = ["PrefixCache"]
@@ -58,7 +59,7 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> int:
 class PrefixCache:
     """A bounded LRU of prompt prefixes' KV caches, shared by the prefills that use it (thread-safe).
 
-    ``max_bytes``: the most keys and values it holds (an entry larger than that is not kept).
+    ``max_bytes``: the most keys and values it holds (a prompt larger than that keeps the blocks that fit).
     Counters for monitoring: :meth:`stats`.
 
     Example:
@@ -67,7 +68,7 @@ class PrefixCache:
     """
 
     def __init__(self, max_bytes: int = 1 << 30):
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        if not is_int(max_bytes) or max_bytes < 0:
             raise AgdError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
@@ -101,11 +102,7 @@ class PrefixCache:
         best, best_n = None, 0
         with self._lock:
             for key, e in self._entries.items():
-                if e.space != space or not _same(e.heads, heads):
-                    continue
-                n = _agree(e.ids, ids[:-1])
-                if weights is not None and n:
-                    n = min(n, _agree(e.weights, weights[:, :n]))
+                n = _shared(e, space, ids[:-1], weights, heads)
                 n -= n % block
                 if n > best_n:
                     best, best_n = key, n
@@ -133,11 +130,7 @@ class PrefixCache:
         heads = None if heads is None else heads.cpu()
         with self._lock:
             for key, e in list(self._entries.items()):  # an entry this one covers goes; one covering it stays
-                if e.space != space or not _same(e.heads, heads):
-                    continue
-                m = _agree(e.ids, ids)
-                if weights is not None and m:
-                    m = min(m, _agree(e.weights, weights[:, :m]))
+                m = _shared(e, space, ids, weights, heads)
                 if m >= len(ids):
                     self._entries.move_to_end(key)
                     return
@@ -155,6 +148,15 @@ class PrefixCache:
 
     def _drop(self, key: int) -> None:
         self.nbytes -= self._entries.pop(key).nbytes
+
+
+def _shared(e: _Entry, space: tuple, ids: torch.Tensor, weights: torch.Tensor | None,
+            heads: torch.Tensor | None) -> int:
+    """How many leading positions of a prompt (``ids``, ROI ``weights``) entry ``e`` holds exactly."""
+    if e.space != space or not _same(e.heads, heads):
+        return 0
+    n = _agree(e.ids, ids)
+    return min(n, _agree(e.weights, weights[:, :n])) if weights is not None and n else n
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -462,21 +462,22 @@ class ForwardEngine(Source):
                 getattr(self.model.config, "_name_or_path", ""), self.kv.prefill_chunk,
                 self.model.config._attn_implementation, versions)
 
-    def _lookup(self, row: Row) -> tuple | None:
-        return self.prefix_cache.lookup(self._space(), row.input_ids, row.token_weights, row.head_weights,
-                                        self.kv.prefill_chunk)
-
-    def _groups(self, rows: Sequence[Row]) -> Iterator[tuple[slice, tuple | None]]:
+    def _groups(self, rows: Sequence[Row], space: tuple | None) -> Iterator[tuple[slice, tuple | None]]:
         """Prefill groups, each with the prefix it reuses (None: none). Consumed one by one by the prefill,
         which keeps each group's prompts before the next is looked up: a batch of conversations with one
         system prompt computes it once."""
         groups = prefill_groups(self.device, len(rows))
         if self.prefix_cache is None:
             yield from ((g, None) for g in groups)
-        elif all(g.stop - g.start == 1 for g in groups):  # one prompt per pass (a CPU)
-            yield from ((g, self._lookup(rows[g.start])) for g in groups)
+            return
+
+        def lookup(r: Row) -> tuple | None:
+            return self.prefix_cache.lookup(space, r.input_ids, r.token_weights, r.head_weights, self.kv.prefill_chunk)
+
+        if all(g.stop - g.start == 1 for g in groups):  # one prompt per pass (a CPU)
+            yield from ((g, lookup(rows[g.start])) for g in groups)
         else:  # a GPU's one padded group: prompts with a cached prefix leave it and run alone
-            found, start = [self._lookup(r) for r in rows], 0
+            found, start = [lookup(r) for r in rows], 0
             for i, hit in enumerate(found + [None]):  # runs of misses between hits keep one group each
                 if hit is not None or i == len(rows):
                     yield from ((slice(start + g.start, start + g.stop), None)
@@ -485,7 +486,7 @@ class ForwardEngine(Source):
                         yield slice(i, i + 1), hit
                     start = i + 1
 
-    def _store(self, rows: Sequence[Row], part) -> None:
+    def _store(self, rows: Sequence[Row], part, space: tuple) -> None:
         """Keep each prompt's keys and values (its own columns of the left-padded group) in the prefix cache."""
         cache, mask = part
         w = self.width
@@ -493,14 +494,15 @@ class ForwardEngine(Source):
             pad = mask.shape[1] - len(r.input_ids)
             rows_j = slice(j * w, (j + 1) * w)
             layers = [(lay.keys[rows_j, :, pad:], lay.values[rows_j, :, pad:]) for lay in cache.layers]
-            self.prefix_cache.store(self._space(), r.input_ids, r.token_weights, r.head_weights, layers,
+            self.prefix_cache.store(space, r.input_ids, r.token_weights, r.head_weights, layers,
                                     self.kv.prefill_chunk)
 
     def _prefill(self, rows: Sequence[Row], chunk_context) -> Iterator[None]:
         """The prefill as a generator (pausing between chunks and groups); returns the logits ``(n, V)``.
         ``chunk_context(heads)`` is entered around each chunk's forward."""
         parts, logits, tangents, heads = [], [], [], []
-        for i, (group, prefix) in enumerate(self._groups(rows)):
+        space = self._space() if self.prefix_cache is not None else None  # once: it sums every weight's version
+        for i, (group, prefix) in enumerate(self._groups(rows, space)):
             if i:
                 yield
             ids, mask = left_pad([r.input_ids.to(self.device) for r in rows[group]])          # (n, T)
@@ -517,7 +519,7 @@ class ForwardEngine(Source):
             tangents.append(self._kept)  # read at once: the run ended with this group's last chunk
             logits.append(out.logits[:, -1])                                                   # (n, V)
             if self.prefix_cache is not None:
-                self._store(rows[group], part)
+                self._store(rows[group], part, space)
             parts.append(part)
         # The sequences join now (the live batch may have changed while they were prefilled): after it.
         joining = len(self.kv) > 0

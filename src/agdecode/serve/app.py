@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..architectures import get_spec
+from ..checks import is_int
 from ..config import resolve_config
 from ..decoding import make_jobs
 from ..errors import AgdError
@@ -84,7 +85,7 @@ class AgdServer:
             raise AgdError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
         self.max_tokens, self.api_key, self.max_body_bytes = max_tokens, api_key, max_body_bytes
         self.context = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
+        if not is_int(prefix_cache_bytes) or prefix_cache_bytes < 0:
             raise AgdError(f"prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.scheduler = Scheduler(model, tokenizer, max_batch, self.prefix_cache)
