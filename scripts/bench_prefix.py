@@ -20,11 +20,10 @@ import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from bench_serve import serve_in_thread
+from bench_serve import open_records, serve_in_thread
 
 QUESTIONS = ["What is the capital of Japan?", "How do planes fly?", "Why is the sky blue?", "Describe the ocean.",
              "Give me a recipe for pancakes.", "What is a prime number?", "How do I learn to swim?",
@@ -83,10 +82,7 @@ def main() -> None:
     from agdecode.provenance import provenance
     from agdecode.serve.app import AgdServer
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".jsonl")
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    out, path, done = open_records(args.out)
     model, tok = agdecode.load_model(args.model, dtype=args.dtype)
     # Two servers on one model: safe because they take turns (sources patch the model only per call).
     servers = {name: AgdServer(model, tok, "m", {}, max_batch=args.max_batch, max_tokens=args.max_tokens,

@@ -91,6 +91,14 @@ def start_transformers_serve(model: str, dtype: str, threads: int):
     return proc, OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600), folder
 
 
+def open_records(out: str) -> tuple[Path, Path, list[dict]]:
+    """``(OUT, OUT.jsonl, the records already there)``: a rerun appends and skips what is done."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".jsonl")
+    return out, path, [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def percentile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
 
@@ -162,10 +170,7 @@ def main() -> None:
     from agdecode.serve import served_name
     from agdecode.serve.app import AgdServer
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".jsonl")
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    out, path, done = open_records(args.out)
     from agdecode.models import dtype_name
     from agdecode.provenance import provenance
 
