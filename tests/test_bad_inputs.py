@@ -400,6 +400,7 @@ CLI = [
     ("eval-threads-zero", ["eval", "rules", "--threads", "0"], "expected a positive integer"),
     ("serve-prefix-cache-negative", ["serve", "--prefix-cache-mb", "-1"], "expected an integer >= 0"),
     ("serve-prefix-cache-word", ["serve", "--prefix-cache-mb", "lots"], "expected an integer >= 0"),
+    ("serve-prefix-cache-huge", ["serve", "--prefix-cache-mb", "99999999999999"], r"at most 2\*\*40"),
     ("eval-batch-size-zero", ["eval", "rules", "--batch-size", "0"], "expected a positive integer"),
     ("eval-archive-to-a-file", ["eval", "archive", "{files}/runs/records_corrupt", "--to", "{files}/notes.txt"],
      "is a file, not a folder"),

@@ -44,7 +44,7 @@ def nonnegative_int(text: str) -> int:
     except ValueError:
         n = -1
     if not 0 <= n <= 2**40:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (at most 2**40), got {text!r}")
     return n
 
 
